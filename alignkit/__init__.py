@@ -1,0 +1,26 @@
+"""alignkit: fast, memory-lean building blocks for RL fine-tuning of causal language models.
+
+Importing alignkit loads its compiled extension (alignkit._C) and fails with one clear error,
+saying how to rebuild, when that build is missing or stale.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _ext
+
+_ext.load()
+
+from .backend import BACKENDS  # noqa: E402
+
+# Public ops (one import line per ops module).
+from .ops.advantages import discounted_returns, gae, gae_packed  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "__version__",
+    "discounted_returns",
+    "gae",
+    "gae_packed",
+]

@@ -1,0 +1,27 @@
+"""Triton kernels and their host launchers (shipped as ``alignkit.kernels``).
+
+Import side effect, on purpose: when no CUDA device is present and ``TRITON_INTERPRET`` is unset,
+this sets ``TRITON_INTERPRET=1`` before triton is imported, so every kernel also runs on CPU tensors
+through the Triton interpreter (slow; meant for tests and ``backend="triton"`` debugging).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # triton ships for Linux only; the CPU implementations still work
+    HAS_TRITON = False
+
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels defined in this process run under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")

@@ -1,0 +1,45 @@
+"""Test setup: every Triton kernel runs on CPU under the interpreter when CUDA is absent."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+# Before anything imports triton: without CUDA, kernels run through the Triton interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ["cpu", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request: pytest.FixtureRequest) -> None:
+    """A fresh but reproducible random stream per test (seeded from the test's id)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run a test once per implementation (Triton under the interpreter when CUDA is absent)."""
+    return request.param
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """CUDA when present (the Triton kernels are compiled), else CPU (interpreted)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run by bench/gpu.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
