@@ -1,0 +1,31 @@
+"""The command line: --version, info, smoke."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import alignkit
+from alignkit import cli
+
+
+def test_version_flag():
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkit.cli", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == f"alignkit {alignkit.__version__}"
+
+
+def test_info_reports_versions_extension_devices_and_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"alignkit      {alignkit.__version__}" in out
+    for line in ("torch ", "triton ", "transformers ", "extension     loaded", "cuda "):
+        assert line in out
+    assert "gae " in out and "cpu / " in out
+
+
+def test_smoke_runs_both_backends(capsys):
+    assert cli.main(["smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "gae[   cpu]" in out and "gae[triton]" in out and "smoke run OK" in out
