@@ -16,7 +16,6 @@ from .backend import BACKENDS  # noqa: E402
 
 # Public ops (one import line per ops module).
 from .ops.advantages import discounted_returns, gae, gae_packed  # noqa: E402
-from .ops.logprobs import fused_linear_logprobs, token_logprobs  # noqa: E402
 from .ops.group_advantages import group_advantages  # noqa: E402
 from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
 
@@ -24,10 +23,8 @@ __all__ = [
     "BACKENDS",
     "__version__",
     "discounted_returns",
-    "fused_linear_logprobs",
     "gae",
     "gae_packed",
-    "token_logprobs",
     "group_advantages",
     "masked_mean",
     "masked_var",
