@@ -53,9 +53,13 @@ def smoke() -> int:
     rewards = torch.randn(batch, length)
     values = torch.randn(batch, length)
     mask = (torch.rand(batch, length) > 0.2).float()
+    # Triton runs compiled on CUDA when present, else under the interpreter on CPU.
+    triton_device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for name in ("cpu", "triton"):
-        adv, ret = alignkit.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=name)
+        device = triton_device if name == "triton" else "cpu"
+        adv, ret = alignkit.gae(rewards.to(device), values.to(device), mask.to(device), 0.99, 0.95, backend=name)
+        adv, ret = adv.cpu(), ret.cpu()
         results[name] = (adv, ret)
         print(f"gae[{name:>6}]  advantages mean {adv.mean():+.5f}  returns mean {ret.mean():+.5f}")
     diff = max((a - b).abs().max().item() for a, b in zip(results["cpu"], results["triton"]))

@@ -31,6 +31,13 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def backend_device(backend: str) -> torch.device:
+    """Where a test's tensors live for ``backend``: CUDA for triton when present (compiled kernels),
+    else CPU (the interpreter, or the CPU implementation)."""
+    return torch.device("cuda" if backend == "triton" and HAS_CUDA else "cpu")
+
+
+@pytest.fixture
 def device() -> torch.device:
     """CUDA when present (the Triton kernels are compiled), else CPU (interpreted)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

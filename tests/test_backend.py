@@ -22,7 +22,7 @@ def test_auto_picks_triton_for_cuda_and_cpu_for_cpu(monkeypatch):
 def test_argument_beats_environment(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cpu")
     assert backend.resolve(None, CUDA) == "cpu"
-    assert backend.resolve("TRITON", CPU) == "triton"  # interpreter is on in tests without CUDA
+    assert backend.resolve("TRITON", CUDA) == "triton"
 
 
 def test_unknown_environment_value_lists_valid_ones(monkeypatch):
@@ -47,9 +47,9 @@ def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
         backend.resolve("triton", CPU)
 
 
-def test_environment_variable_drives_ops(monkeypatch):
-    r = torch.randn(2, 9, dtype=torch.float64)
-    m = torch.ones(2, 9)
+def test_environment_variable_drives_ops(monkeypatch, device):
+    r = torch.randn(2, 9, dtype=torch.float64, device=device)
+    m = torch.ones(2, 9, device=device)
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     via_triton = alignkit.gae(r, r, m, 0.9, 0.9)
     monkeypatch.setenv(backend.ENV_VAR, "cpu")
