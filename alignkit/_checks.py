@@ -26,9 +26,7 @@ def float_tensor(x: object, name: str, ndim: int | None = None) -> torch.Tensor:
 
 def same_shape(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     if x.shape != ref.shape:
-        raise ValueError(
-            f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
 
 
 def same_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:

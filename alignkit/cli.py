@@ -58,11 +58,13 @@ def smoke() -> int:
     results = {}
     for name in ("cpu", "triton"):
         device = triton_device if name == "triton" else "cpu"
-        adv, ret = alignkit.gae(rewards.to(device), values.to(device), mask.to(device), 0.99, 0.95, backend=name)
+        adv, ret = alignkit.gae(
+            rewards.to(device), values.to(device), mask.to(device), 0.99, 0.95, backend=name
+        )
         adv, ret = adv.cpu(), ret.cpu()
         results[name] = (adv, ret)
         print(f"gae[{name:>6}]  advantages mean {adv.mean():+.5f}  returns mean {ret.mean():+.5f}")
-    diff = max((a - b).abs().max().item() for a, b in zip(results["cpu"], results["triton"]))
+    diff = max((a - b).abs().max().item() for a, b in zip(results["cpu"], results["triton"], strict=True))
     print(f"gae: max |cpu - triton| = {diff:.2e}")
     if diff > 1e-4:
         print("smoke run FAILED: backends disagree", file=sys.stderr)

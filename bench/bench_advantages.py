@@ -56,8 +56,14 @@ def torchrl_gae(rewards, values, mask, gamma, lam):
     done[torch.arange(mask.shape[0]), (lengths - 1).clamp(min=0)] = True
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
     return functional.vec_generalized_advantage_estimate(
-        gamma, lam, values.unsqueeze(-1), next_values.unsqueeze(-1), rewards.unsqueeze(-1),
-        done.unsqueeze(-1), terminated=done.unsqueeze(-1), time_dim=-2,
+        gamma,
+        lam,
+        values.unsqueeze(-1),
+        next_values.unsqueeze(-1),
+        rewards.unsqueeze(-1),
+        done.unsqueeze(-1),
+        terminated=done.unsqueeze(-1),
+        time_dim=-2,
     )
 
 
@@ -86,8 +92,13 @@ def test_gae_cpu(benchmark, provider, length):
     fn(r, v, m)  # warm-up (numba compile / cache load)
     benchmark.group = f"gae cpu B={batch} T={length} fp32"
     record(benchmark, provider, bytes_moved=5 * batch * length * 4)
-    benchmark.pedantic(fn, args=(r, v, m), rounds=5 if "loop" in provider and length > 1000 else 20,
-                       iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        fn,
+        args=(r, v, m),
+        rounds=5 if "loop" in provider and length > 1000 else 20,
+        iterations=1,
+        warmup_rounds=1,
+    )
 
 
 @pytest.mark.gpu

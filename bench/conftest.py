@@ -10,14 +10,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.metadata  # noqa: E402
+import importlib.metadata
 
-import pytest  # noqa: E402
+import pytest
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ARG001
+def pytest_benchmark_update_machine_info(config, machine_info):
     versions = {}
-    for dist in ("alignkit", "torch", "triton", "transformers", "numba", "numpy", "trl", "torchrl", "liger-kernel"):
+    for dist in (
+        "alignkit",
+        "torch",
+        "triton",
+        "transformers",
+        "numba",
+        "numpy",
+        "trl",
+        "torchrl",
+        "liger-kernel",
+    ):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -33,7 +43,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):  # noqa: ARG001
         machine_info["git_commit"] = None
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         skip = pytest.mark.skip(reason="CPU benchmark (run without CUDA)")
         for item in items:

@@ -24,7 +24,8 @@ def render(data: dict) -> str:
     versions = info.get("versions", {})
     head = (
         f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, "
-        f"{info.get('cuda_device') or 'no GPU'}; torch {versions.get('torch')}, triton {versions.get('triton')}; "
+        f"{info.get('cuda_device') or 'no GPU'}; "
+        f"torch {versions.get('torch')}, triton {versions.get('triton')}; "
         f"commit {str(info.get('git_commit') or data.get('commit_info', {}).get('id', '?'))[:10]}; "
         f"{data.get('datetime', '')[:19]}"
     )
@@ -35,8 +36,12 @@ def render(data: dict) -> str:
     for group in sorted(groups):
         rows = groups[group]
         base = next((b for b in rows if b["extra_info"].get("provider") == "alignkit"), None)
-        lines += [f"**{group}**", "", "| provider | median | speed-up of alignkit | peak extra memory | GB/s | TFLOP/s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"**{group}**",
+            "",
+            "| provider | median | speed-up of alignkit | peak extra memory | GB/s | TFLOP/s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for b in sorted(rows, key=lambda b: b["stats"]["median"]):
             extra = b["extra_info"]
             median = b["stats"]["median"]
@@ -44,7 +49,8 @@ def render(data: dict) -> str:
             peak = f"{extra['peak_bytes'] / 2**20:.1f} MiB" if "peak_bytes" in extra else "-"
             gbs = f"{extra['bytes_moved'] / median / 1e9:.1f}" if "bytes_moved" in extra else "-"
             tfs = f"{extra['flops'] / median / 1e12:.2f}" if "flops" in extra else "-"
-            lines.append(f"| {extra.get('provider', b['name'])} | {_fmt_time(median)} | {ratio} | {peak} | {gbs} | {tfs} |")
+            provider = extra.get("provider", b["name"])
+            lines.append(f"| {provider} | {_fmt_time(median)} | {ratio} | {peak} | {gbs} | {tfs} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -59,7 +65,9 @@ def update_readme(readme: Path, sections: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--readme", type=Path, default=None)

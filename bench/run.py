@@ -19,7 +19,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -27,14 +29,29 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.device}.json"
-    cmd = [sys.executable, "-m", "pytest", "-c", str(HERE / "pytest.ini"), str(HERE),
-           f"--benchmark-json={json_path}", "-q", "-rs"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-c",
+        str(HERE / "pytest.ini"),
+        str(HERE),
+        f"--benchmark-json={json_path}",
+        "-q",
+        "-rs",
+    ]
     if args.keyword:
         cmd += ["-k", args.keyword]
     code = subprocess.call(cmd, cwd=HERE)
     if code not in (0, 5) or not json_path.exists():
         return code or 1
-    render = [sys.executable, str(HERE / "render.py"), str(json_path), "--out", str(json_path.with_suffix(".md"))]
+    render = [
+        sys.executable,
+        str(HERE / "render.py"),
+        str(json_path),
+        "--out",
+        str(json_path.with_suffix(".md")),
+    ]
     if args.readme:
         render += ["--readme", str(args.readme)]
     return subprocess.call(render) or code

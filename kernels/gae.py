@@ -58,7 +58,9 @@ def _row_extent(cu_ptr, row, T, stride_row, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(r_ptr, v_ptr, m_ptr, base, hi, lo, chunk_end, gamma, lam, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _load_tile(
+    r_ptr, v_ptr, m_ptr, base, hi, lo, chunk_end, gamma, lam, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     # Positions hi-1, hi-2, ... (descending) of the tile [lo, hi); invalid slots are identity maps.
     offs = hi - 1 - tl.arange(0, BLOCK).to(tl.int64)
     valid = offs >= lo
@@ -91,9 +93,23 @@ def _last(x, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gae_fwd_kernel(
-    r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr, carry_ptr, cu_ptr,
-    T, stride_row, n_chunks, CHUNK, gamma, lam,
-    HAS_CARRY: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    r_ptr,
+    v_ptr,
+    m_ptr,
+    adv_ptr,
+    ret_ptr,
+    carry_ptr,
+    cu_ptr,
+    T,
+    stride_row,
+    n_chunks,
+    CHUNK,
+    gamma,
+    lam,
+    HAS_CARRY: tl.constexpr,
+    PACKED: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
@@ -127,9 +143,20 @@ def _gae_fwd_kernel(
 
 @triton.jit
 def _gae_summary_kernel(
-    r_ptr, v_ptr, m_ptr, summary_ptr, cu_ptr,
-    T, stride_row, n_chunks, CHUNK, gamma, lam,
-    PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    r_ptr,
+    v_ptr,
+    m_ptr,
+    summary_ptr,
+    cu_ptr,
+    T,
+    stride_row,
+    n_chunks,
+    CHUNK,
+    gamma,
+    lam,
+    PACKED: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Symbolic carries: nv = p nv_in + q (p: coefficient of nv_in), L = cL L_in + eL nv_in + dL.
     row = tl.program_id(0).to(tl.int64)
@@ -149,7 +176,7 @@ def _gae_summary_kernel(
         hi = chunk_end
         while hi > chunk_start:
             lo = tl.maximum(hi - BLOCK, chunk_start)
-            offs, valid, r, v, m, a_next, b_next, c = _load_tile(
+            offs, _, r, v, m, a_next, b_next, c = _load_tile(
                 r_ptr, v_ptr, m_ptr, base, hi, lo, chunk_end, gamma, lam, ACC, BLOCK
             )
             A, B = tl.associative_scan((a_next, b_next), 0, _affine_combine)
@@ -160,8 +187,14 @@ def _gae_summary_kernel(
             C, D, E = tl.associative_scan((c, d_const, d_coef), 0, _affine_combine3)
             # NV at chunk_start (only the last tile holds it): (1 - m) NV_{s+1} + m V_s.
             at_start = offs == chunk_start
-            nv_start_p = tl.where(lo == chunk_start, tl.sum(tl.where(at_start, (1.0 - m) * nvn_p, 0.0), axis=0), nv_start_p)
-            nv_start_q = tl.where(lo == chunk_start, tl.sum(tl.where(at_start, (1.0 - m) * nvn_q + m * v, 0.0), axis=0), nv_start_q)
+            nv_start_p = tl.where(
+                lo == chunk_start, tl.sum(tl.where(at_start, (1.0 - m) * nvn_p, 0.0), axis=0), nv_start_p
+            )
+            nv_start_q = tl.where(
+                lo == chunk_start,
+                tl.sum(tl.where(at_start, (1.0 - m) * nvn_q + m * v, 0.0), axis=0),
+                nv_start_q,
+            )
             C_last = _last(C, BLOCK)
             dL = C_last * dL + _last(D, BLOCK)
             eL = C_last * eL + _last(E, BLOCK)
@@ -178,8 +211,15 @@ def _gae_summary_kernel(
 
 @triton.jit
 def _gae_carry_kernel(
-    summary_ptr, carry_ptr, cu_ptr, T, n_chunks, CHUNK,
-    PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    summary_ptr,
+    carry_ptr,
+    cu_ptr,
+    T,
+    n_chunks,
+    CHUNK,
+    PACKED: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Per row, from the last chunk to the first: carry_in[j] = state leaving chunk j + 1.
     row = tl.program_id(0).to(tl.int64)
@@ -203,7 +243,9 @@ def _gae_carry_kernel(
 
 
 @triton.jit
-def _discounted_returns_kernel(r_ptr, m_ptr, out_ptr, T, stride_row, gamma, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _discounted_returns_kernel(
+    r_ptr, m_ptr, out_ptr, T, stride_row, gamma, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
     # ret_t = r_t + gamma K_{t+1}, where K_t = m_t ret_t = (gamma m_t) K_{t+1} + m_t r_t: an exclusive
     # affine scan, taken from the maps of position t+1 like NV in GAE. One program per row.
     row = tl.program_id(0).to(tl.int64)
@@ -264,21 +306,49 @@ def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_
         summary = torch.empty((rows, n_chunks, 5), dtype=dtype, device=r.device)
         carry = torch.zeros((rows, n_chunks, 2), dtype=dtype, device=r.device)
         _gae_summary_kernel[(rows, n_chunks)](
-            r, v, m, summary, cu_arg, length, stride_row, n_chunks, chunk, gamma, lam,
-            PACKED=packed, ACC=acc, BLOCK=block,
+            r,
+            v,
+            m,
+            summary,
+            cu_arg,
+            length,
+            stride_row,
+            n_chunks,
+            chunk,
+            gamma,
+            lam,
+            PACKED=packed,
+            ACC=acc,
+            BLOCK=block,
         )
         _gae_carry_kernel[(rows,)](
             summary, carry, cu_arg, length, n_chunks, chunk, PACKED=packed, ACC=acc, BLOCK=16
         )
     _gae_fwd_kernel[(rows, n_chunks)](
-        r, v, m, adv, ret, carry if carry is not None else r, cu_arg,
-        length, stride_row, n_chunks, chunk, gamma, lam,
-        HAS_CARRY=carry is not None, PACKED=packed, ACC=acc, BLOCK=block,
+        r,
+        v,
+        m,
+        adv,
+        ret,
+        carry if carry is not None else r,
+        cu_arg,
+        length,
+        stride_row,
+        n_chunks,
+        chunk,
+        gamma,
+        lam,
+        HAS_CARRY=carry is not None,
+        PACKED=packed,
+        ACC=acc,
+        BLOCK=block,
     )
     return adv, ret
 
 
-def gae_fwd(rewards, values, mask, gamma: float, lam: float, dtype: torch.dtype, chunk_size: int | None = None):
+def gae_fwd(
+    rewards, values, mask, gamma: float, lam: float, dtype: torch.dtype, chunk_size: int | None = None
+):
     """(B, T) rewards/values/mask -> (advantages, returns) in ``dtype``. Inputs are validated by
     the caller (alignkit.gae); ``chunk_size`` overrides the split of T across programs."""
     r, v, m = rewards.contiguous(), values.contiguous(), _mask_view(mask.contiguous())
@@ -289,15 +359,25 @@ def gae_fwd(rewards, values, mask, gamma: float, lam: float, dtype: torch.dtype,
     return _launch_gae(r, v, m, None, rows, length, length, gamma, lam, dtype, chunk_size)
 
 
-def gae_packed_fwd(rewards, values, mask, cu_seqlens, gamma: float, lam: float, dtype: torch.dtype,
-                   chunk_size: int | None = None):
+def gae_packed_fwd(
+    rewards,
+    values,
+    mask,
+    cu_seqlens,
+    gamma: float,
+    lam: float,
+    dtype: torch.dtype,
+    chunk_size: int | None = None,
+):
     """(1, N) packed rewards/values/mask and validated ``cu_seqlens`` -> (advantages, returns)."""
     r, v, m = rewards.contiguous(), values.contiguous(), _mask_view(mask.contiguous())
     cu = cu_seqlens.to(device=r.device, dtype=torch.int64).contiguous()
     rows = cu.numel() - 1
     max_len = int((cu[1:] - cu[:-1]).max()) if rows > 0 else 0
     if r.numel() == 0 or max_len == 0:
-        return torch.zeros(r.shape, dtype=dtype, device=r.device), torch.zeros(r.shape, dtype=dtype, device=r.device)
+        return torch.zeros(r.shape, dtype=dtype, device=r.device), torch.zeros(
+            r.shape, dtype=dtype, device=r.device
+        )
     return _launch_gae(r, v, m, cu, rows, max_len, 0, gamma, lam, dtype, chunk_size)
 
 

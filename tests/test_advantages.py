@@ -81,7 +81,9 @@ def test_gae_half_inputs_accumulate_in_fp32(backend, backend_device, dtype):
     m = random_mask(4, 100)
     ref_adv, ref_ret = gae_oracle(r.double(), v.double(), m, 0.99, 0.95)
     d = backend_device
-    adv, ret = (x.cpu() for x in alignkit.gae(r.to(d), v.to(d), m.to(dtype).to(d), 0.99, 0.95, backend=backend))
+    adv, ret = (
+        x.cpu() for x in alignkit.gae(r.to(d), v.to(d), m.to(dtype).to(d), 0.99, 0.95, backend=backend)
+    )
     assert adv.dtype == ret.dtype == torch.float32
     torch.testing.assert_close(adv.double(), ref_adv, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ret.double(), ref_ret, rtol=1e-5, atol=1e-5)
@@ -95,7 +97,9 @@ def test_gae_triton_split_across_programs(device, chunk_size, gamma_lam):
     m = random_mask(3, 300)
     m[0, 60:200] = 0  # a masked span crossing chunk boundaries
     ref_adv, ref_ret = gae_oracle(r, v, m, *gamma_lam)
-    out = gae_kernels.gae_fwd(r.to(device), v.to(device), m.to(device), *gamma_lam, torch.float64, chunk_size=chunk_size)
+    out = gae_kernels.gae_fwd(
+        r.to(device), v.to(device), m.to(device), *gamma_lam, torch.float64, chunk_size=chunk_size
+    )
     adv, ret = (x.cpu() for x in out)
     torch.testing.assert_close(adv, ref_adv, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, ref_ret, rtol=1e-10, atol=1e-10)
@@ -112,7 +116,9 @@ def test_gae_whiten_reproduces_verl(backend, backend_device):
     var = (m * (ref_adv - mean) ** 2).sum() / n * n / (n - 1)
     expected = (ref_adv - mean) * torch.rsqrt(var + 1e-8)
     d = backend_device
-    adv, ret = (x.cpu() for x in alignkit.gae(r.to(d), v.to(d), m.to(d), 1.0, 0.95, whiten=True, backend=backend))
+    adv, ret = (
+        x.cpu() for x in alignkit.gae(r.to(d), v.to(d), m.to(d), 1.0, 0.95, whiten=True, backend=backend)
+    )
     torch.testing.assert_close(adv, expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ret, ref_ret, rtol=1e-10, atol=1e-10)
 
@@ -130,8 +136,12 @@ def test_gae_packed_equals_padded(backend, backend_device, lengths):
     pack = lambda x: torch.cat([x[b, :n] for b, n in enumerate(lengths)])  # noqa: E731
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     d = backend_device
-    adv, ret = (x.cpu() for x in alignkit.gae_packed(pack(r).to(d), pack(v).to(d), pack(m).to(d), cu, 0.97, 0.9,
-                                                      backend=backend))
+    adv, ret = (
+        x.cpu()
+        for x in alignkit.gae_packed(
+            pack(r).to(d), pack(v).to(d), pack(m).to(d), cu, 0.97, 0.9, backend=backend
+        )
+    )
     torch.testing.assert_close(adv, pack(ref_adv), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ret, pack(ref_ret), rtol=1e-10, atol=1e-10)
 
@@ -141,8 +151,9 @@ def test_gae_packed_triton_split_across_programs(device):
     cu = torch.tensor([0, 200, 203, 333])
     r, v = torch.randn(1, 333, dtype=torch.float64), torch.randn(1, 333, dtype=torch.float64)
     m = (torch.rand(1, 333) > 0.2).double()
-    out = gae_kernels.gae_packed_fwd(r.to(device), v.to(device), m.to(device), cu, 0.99, 0.95, torch.float64,
-                                     chunk_size=64)
+    out = gae_kernels.gae_packed_fwd(
+        r.to(device), v.to(device), m.to(device), cu, 0.99, 0.95, torch.float64, chunk_size=64
+    )
     adv, ret = (x.cpu() for x in out)
     for i, n in enumerate(lengths):
         sl = slice(int(cu[i]), int(cu[i]) + n)
@@ -244,5 +255,6 @@ def test_gae_gpu_large_against_float64(batch, length, dtype):
     torch.testing.assert_close(adv.cpu().double(), ref_adv, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ret.cpu().double(), ref_ret, rtol=1e-4, atol=1e-3)
     rets = alignkit.discounted_returns(r.to(dtype).cuda(), m.cuda(), 0.99).cpu().double()
-    torch.testing.assert_close(rets, alignkit.discounted_returns(r.to(dtype).double(), m, 0.99, backend="cpu"),
-                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        rets, alignkit.discounted_returns(r.to(dtype).double(), m, 0.99, backend="cpu"), rtol=1e-4, atol=1e-3
+    )

@@ -51,8 +51,12 @@ def test_stale_extension_is_a_clear_error(monkeypatch):
 def test_missing_extension_is_one_clear_error(tmp_path):
     """Importing an unbuilt source tree names the problem and the rebuild command."""
     tree = tmp_path / "src"
-    shutil.copytree(REPO / "alignkit", tree / "alignkit", symlinks=False,
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(
+        REPO / "alignkit",
+        tree / "alignkit",
+        symlinks=False,
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
     # -S: no .pth processing, so an editable install's import redirect cannot serve the build;
     # site-packages is added back by hand for torch and friends.
     code = f"import sys; sys.path[:0] = {[str(tree), *site.getsitepackages()]!r}; import alignkit"

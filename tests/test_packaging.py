@@ -22,7 +22,9 @@ PROBE = (
 
 def _probe(python: str, cwd: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([python, "-c", PROBE], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [python, "-c", PROBE], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -37,22 +39,37 @@ def test_regular_wheel_install_exposes_no_top_level_kernels(tmp_path):
     """Build a wheel offline and install it into a fresh venv that sees this one's packages."""
     wheel_dir = tmp_path / "wheels"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-         "-w", str(wheel_dir), str(REPO)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheel_dir.glob("alignkit-*.whl")
     site_dir = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site_dir), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert install.returncode == 0, install.stderr
     # -S skips .pth files, so the editable install's import redirect cannot shadow the wheel;
     # this environment's site-packages is added back (after the wheel) for torch and friends.
     code = f"import sys; sys.path[:0] = {[str(site_dir), *site.getsitepackages()]!r}; " + PROBE
-    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(str(site_dir)), proc.stdout

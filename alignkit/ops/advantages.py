@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks, backend as _backend
+from .. import _checks
+from .. import backend as _backend
 from ..cpu import advantages as _cpu
 
 _backend.register_op("gae")

@@ -30,8 +30,12 @@ def group_ids(index: object, batch: int, device: torch.device) -> tuple[torch.Te
             raise ValueError(f"index must have shape ({batch},), got {tuple(index.shape)}")
         _, inverse = torch.unique(index.to(device), return_inverse=True)
         return inverse.to(torch.int64), int(inverse.max()) + 1 if batch else 0
-    if isinstance(index, np.ndarray) or isinstance(index, Sequence) and not isinstance(index, (str, bytes)):
-        items = list(np.asarray(index, dtype=object).reshape(-1)) if isinstance(index, np.ndarray) else list(index)
+    if isinstance(index, np.ndarray) or (isinstance(index, Sequence) and not isinstance(index, (str, bytes))):
+        items = (
+            list(np.asarray(index, dtype=object).reshape(-1))
+            if isinstance(index, np.ndarray)
+            else list(index)
+        )
         if len(items) != batch:
             raise ValueError(f"index must hold {batch} group ids (one per score), got {len(items)}")
         dense: dict[object, int] = {}
@@ -40,7 +44,9 @@ def group_ids(index: object, batch: int, device: torch.device) -> tuple[torch.Te
         except TypeError as exc:
             raise TypeError(f"index entries must be hashable group ids: {exc}") from None
         return torch.tensor(ids, dtype=torch.int64, device=device), len(dense)
-    raise TypeError(f"index must be a tensor, a NumPy array or a list of group ids, got {type(index).__name__}")
+    raise TypeError(
+        f"index must be a tensor, a NumPy array or a list of group ids, got {type(index).__name__}"
+    )
 
 
 def group_advantages(
