@@ -14,13 +14,18 @@ _ext.load()
 
 from .backend import BACKENDS  # noqa: E402
 
-# Public ops (one import line per ops module).
+# Public ops and classes (one import line per module).
 from .ops.advantages import discounted_returns, gae, gae_packed  # noqa: E402
 from .ops.group_advantages import group_advantages  # noqa: E402
 from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
+from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches  # noqa: E402
 
 __all__ = [
     "BACKENDS",
+    "Batch",
+    "ReplayBuffer",
+    "SequenceField",
+    "TokenField",
     "__version__",
     "discounted_returns",
     "gae",
@@ -29,4 +34,5 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "token_budget_minibatches",
 ]
