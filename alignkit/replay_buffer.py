@@ -1,8 +1,9 @@
 """Replay buffer for variable-length token sequences (RL experience between rollout and training).
 
 The storage, sampling and copies live in C++ (csrc/core/replay_buffer.h, bound as
-``alignkit._C.ReplayBufferCore``); this module declares the schema, converts NumPy arrays and
-CPU torch tensors (zero-copy through ``Tensor.numpy()``), and wraps results with
+``alignkit._C.ReplayBufferCore``). The schema and batch types are declared in
+:mod:`alignkit.replay_schema`; NumPy arrays and CPU torch tensors are converted (zero-copy through
+``Tensor.numpy()``) in :mod:`alignkit.replay_inputs`; this module wraps results with
 ``torch.from_numpy`` (zero-copy: every output tensor owns memory that the core filled with one
 copy from its arena).
 
@@ -25,145 +26,37 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import _ext
+from .replay_inputs import (
+    _as_array,
+    _check_pin_memory,
+    _ids_array,
+    _packed_starts,
+    _padded_starts,
+    _positive_int,
+    _priorities_array,
+    _timeout,
+)
+from .replay_schema import (
+    _CODES,
+    _NUMPY_TO_TORCH,
+    Batch,
+    SequenceField,
+    TokenField,
+    _as_fields,
+    _numpy_dtype,
+    _pad_bytes,
+    _pinned,
+)
 
 __all__ = ["Batch", "ReplayBuffer", "SequenceField", "TokenField", "token_budget_minibatches"]
 
-_TORCH_TO_NUMPY = {
-    torch.bool: "bool",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-    torch.int16: "int16",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.float16: "float16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-}
-_NUMPY_TO_TORCH = {v: k for k, v in _TORCH_TO_NUMPY.items()}
-_NUMPY_DTYPE_TO_TORCH = {np.dtype(v): k for k, v in _TORCH_TO_NUMPY.items()}  # dtype.name is slow
-_RESERVED = frozenset(
-    {
-        "ids",
-        "lengths",
-        "attention_mask",
-        "cu_seqlens",
-        "position_ids",
-        "weights",
-        "priority",
-        "priorities",
-        "mask",
-    }
-)
 _LAYOUTS = {"padded": 0, "packed": 1}
-
-
-def _numpy_dtype(dtype: Any, what: str) -> np.dtype:
-    """The NumPy dtype of a schema dtype given as torch.dtype, NumPy dtype or string."""
-    if isinstance(dtype, torch.dtype):
-        name = _TORCH_TO_NUMPY.get(dtype)
-    else:
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            name = None
-    if name not in _NUMPY_TO_TORCH:
-        raise TypeError(f"{what} must be one of {sorted(_NUMPY_TO_TORCH)} (torch or NumPy), got {dtype!r}")
-    return np.dtype(name)
-
-
-def _pad_bytes(value: Any, dtype: np.dtype, what: str) -> bytes:
-    """A pad value as the bytes of one element of dtype, rejecting values that do not fit."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if not isinstance(value, (bool, int, float, np.generic)):
-        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
-    if dtype.kind in "biu":
-        if isinstance(value, float) and not float(value).is_integer():
-            raise ValueError(f"{what} must be an integer for dtype {dtype.name}, got {value!r}")
-        if dtype.kind == "b":
-            if value not in (0, 1):
-                raise ValueError(f"{what} must be 0/1/False/True for dtype bool, got {value!r}")
-        else:
-            info = np.iinfo(dtype)
-            if not info.min <= int(value) <= info.max:
-                raise ValueError(f"{what} = {value!r} does not fit in {dtype.name} [{info.min}, {info.max}]")
-        value = int(value)
-    return np.array(value, dtype=dtype).tobytes()
-
-
-@dataclass(frozen=True)
-class TokenField:
-    """A per-token field: one value per token of every sequence (tokens, logprobs, masks...)."""
-
-    name: str  # key used in add(...) and in batches
-    dtype: Any = torch.float32  # torch or NumPy dtype; bfloat16 is not storable
-    pad: float | int | bool = 0  # default pad value in padded batches
-
-    def __post_init__(self) -> None:
-        _check_name(self.name)
-        object.__setattr__(
-            self, "dtype", _NUMPY_TO_TORCH[_numpy_dtype(self.dtype, f"dtype of field {self.name!r}").name]
-        )
-        _pad_bytes(self.pad, _numpy_dtype(self.dtype, "dtype"), f"pad of field {self.name!r}")
-
-
-@dataclass(frozen=True)
-class SequenceField:
-    """A per-sequence field: one value per sequence (score, group id, policy version, prompt length...)."""
-
-    name: str  # key used in add(...) and in batches
-    dtype: Any = torch.float32  # torch or NumPy dtype
-
-    def __post_init__(self) -> None:
-        _check_name(self.name)
-        object.__setattr__(
-            self, "dtype", _NUMPY_TO_TORCH[_numpy_dtype(self.dtype, f"dtype of field {self.name!r}").name]
-        )
-
-
-def _check_name(name: Any) -> None:
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"field names must be Python identifiers, got {name!r}")
-    if name in _RESERVED:
-        raise ValueError(f"field name {name!r} is reserved (reserved: {sorted(_RESERVED)})")
-
-
-@dataclass
-class Batch:
-    """Sequences copied out of the buffer, as torch tensors (B sequences, N = sum of lengths).
-
-    padded layout: ``fields[name]`` is (B, T) for per-token fields (T = longest length), with
-    ``attention_mask`` (B, T) bool; packed layout: ``fields[name]`` is (N,), with ``cu_seqlens``
-    (B + 1,) int32 and ``position_ids`` (N,) int64 (0..len-1 per sequence). Per-sequence fields are
-    (B,). ``weights`` (B,) float32: importance weights, prioritized sampling only.
-    """
-
-    ids: torch.Tensor  # (B,) int64
-    lengths: torch.Tensor  # (B,) int64
-    fields: dict[str, torch.Tensor]
-    layout: str  # "padded" or "packed"
-    max_seqlen: int  # T (padded) / longest sequence (packed)
-    attention_mask: torch.Tensor | None = None  # (B, T) bool, padded only
-    cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32, packed only
-    position_ids: torch.Tensor | None = None  # (N,) int64, packed only
-    weights: torch.Tensor | None = None  # (B,) float32, prioritized only
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.fields[name]
-
-    def __len__(self) -> int:
-        return int(self.ids.numel())
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lengths.sum())
 
 
 def token_budget_minibatches(lengths: Any, max_tokens: int, *, padded: bool = False) -> list[torch.Tensor]:
@@ -177,14 +70,6 @@ def token_budget_minibatches(lengths: Any, max_tokens: int, *, padded: bool = Fa
     max_tokens = _positive_int(max_tokens, "max_tokens")
     bins = _ext.load().first_fit_decreasing(arr.astype(np.int64), max_tokens, bool(padded))
     return [torch.from_numpy(b) for b in bins]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return int(value)
 
 
 class ReplayBuffer:
@@ -323,7 +208,7 @@ class ReplayBuffer:
         """Add one sequence: per-token fields as 1-D arrays/tensors of one length, per-sequence
         fields as scalars. Returns its id. ``priority`` defaults to the largest priority seen."""
         tok, seq = self._split_fields(fields)
-        arrays = [self._as_array(v, n, dt) for v, n, dt in tok]
+        arrays = [_as_array(v, n, dt) for v, n, dt in tok]
         for a, (_, n, _) in zip(arrays, tok, strict=True):
             if a.ndim != 1:
                 raise ValueError(f"field {n!r} of a single sequence must be 1-D, got shape {a.shape}")
@@ -336,11 +221,11 @@ class ReplayBuffer:
                 )
         seqs = []
         for v, n, dt in seq:
-            a = self._as_array(v, n, dt)
+            a = _as_array(v, n, dt)
             if a.size != 1 or a.ndim > 1:
                 raise ValueError(f"per-sequence field {n!r} must be a scalar, got shape {a.shape}")
             seqs.append(a.reshape(1))
-        prios = None if priority is None else self._priorities_array([priority], "priority")
+        prios = None if priority is None else _priorities_array([priority], "priority")
         ids = self._core.add(arrays, seqs, np.zeros(1, np.int64), np.array([length], np.int64), 0, prios)
         return int(ids[0])
 
@@ -364,7 +249,7 @@ class ReplayBuffer:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         tok, seq = self._split_fields(fields)
-        arrays = [self._as_array(v, n, dt) for v, n, dt in tok]
+        arrays = [_as_array(v, n, dt) for v, n, dt in tok]
         shape = arrays[0].shape
         for a, (_, n, _) in zip(arrays, tok, strict=True):
             if a.ndim != 2:
@@ -374,32 +259,9 @@ class ReplayBuffer:
                     f"padded fields disagree in shape: {tok[0][1]!r} is {shape}, {n!r} is {a.shape}"
                 )
         B, T = shape
-        if lengths is not None:
-            lens = self._int_array(lengths, "lengths")
-            if lens.shape != (B,):
-                raise ValueError(f"lengths must have shape ({B},), got {lens.shape}")
-            if B and (lens.min() < 1 or lens.max() > T):
-                raise ValueError(
-                    f"lengths must lie in [1, {T}] (T of the padded fields), got {lens.min()}..{lens.max()}"
-                )
-            starts = np.zeros(B, np.int64) if padding_side == "right" else (T - lens)
-        else:
-            m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-            if m.shape != (B, T):
-                raise ValueError(f"mask must have the shape of the padded fields {(B, T)}, got {m.shape}")
-            m = m.astype(bool)
-            lens = m.sum(axis=1).astype(np.int64)
-            if B and lens.min() == 0:
-                raise ValueError(
-                    f"mask row {int(np.argmin(lens))} is empty (sequences need at least one token)"
-                )
-            starts = np.argmax(m, axis=1).astype(np.int64)
-            last = T - 1 - np.argmax(m[:, ::-1], axis=1)
-            bad = np.nonzero(last - starts + 1 != lens)[0]
-            if bad.size:
-                raise ValueError(f"mask row {int(bad[0])} is not one contiguous run of ones")
+        starts, lens = _padded_starts(lengths, mask, padding_side, B, T)
         seqs = self._sequence_arrays(seq, B)
-        prios = None if priorities is None else self._priorities_array(priorities, "priorities", B)
+        prios = None if priorities is None else _priorities_array(priorities, "priorities", B)
         ids = self._core.add(arrays, seqs, np.ascontiguousarray(starts, np.int64), lens, T, prios)
         return torch.from_numpy(ids)
 
@@ -407,25 +269,18 @@ class ReplayBuffer:
         """Add B sequences packed end to end: per-token fields (N,), ``cu_seqlens`` (B + 1,) with
         cu_seqlens[0] = 0, cu_seqlens[-1] = N, strictly increasing. Returns the new ids, (B,) int64."""
         tok, seq = self._split_fields(fields)
-        arrays = [self._as_array(v, n, dt) for v, n, dt in tok]
+        arrays = [_as_array(v, n, dt) for v, n, dt in tok]
         N = arrays[0].shape[0] if arrays[0].ndim == 1 else -1
         for a, (_, n, _) in zip(arrays, tok, strict=True):
             if a.ndim != 1 or a.shape[0] != N:
                 raise ValueError(
                     f"packed field {n!r} must be 1-D with {tok[0][1]!r}'s length {N}, got shape {a.shape}"
                 )
-        cu = self._int_array(cu_seqlens, "cu_seqlens")
-        if cu.ndim != 1 or cu.size < 1 or cu[0] != 0 or cu[-1] != N:
-            raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at N={N}, got {cu.tolist()[:8]}...")
-        lens = np.diff(cu)
-        if lens.size and lens.min() <= 0:
-            raise ValueError("cu_seqlens must be strictly increasing (sequences need at least one token)")
+        starts, lens = _packed_starts(cu_seqlens, N)
         B = lens.size
         seqs = self._sequence_arrays(seq, B)
-        prios = None if priorities is None else self._priorities_array(priorities, "priorities", B)
-        ids = self._core.add(
-            arrays, seqs, np.ascontiguousarray(cu[:-1]), np.ascontiguousarray(lens), 0, prios
-        )
+        prios = None if priorities is None else _priorities_array(priorities, "priorities", B)
+        ids = self._core.add(arrays, seqs, starts, lens, 0, prios)
         return torch.from_numpy(ids)
 
     # ---- sample --------------------------------------------------------------------------------
@@ -466,7 +321,7 @@ class ReplayBuffer:
             self._layout(layout),
             self._pad_left(padding_side),
             self._pad_values(pad_values),
-            self._timeout(timeout),
+            _timeout(timeout),
         )
         return self._draw(
             lambda ids_only: self._core.sample(*args, ids_only=ids_only), layout, args[6:9], pin_memory
@@ -495,7 +350,7 @@ class ReplayBuffer:
             self._layout(layout),
             self._pad_left(padding_side),
             self._pad_values(pad_values),
-            self._timeout(timeout),
+            _timeout(timeout),
         )
         return self._draw(
             lambda ids_only: self._core.sample_groups(*args, ids_only=ids_only), layout, args[3:6], pin_memory
@@ -513,7 +368,7 @@ class ReplayBuffer:
     ) -> Batch:
         """Copy the given ids into a batch. An evicted id raises IndexError unless ``skip_missing``."""
         gather = (self._layout(layout), self._pad_left(padding_side), self._pad_values(pad_values))
-        return self._gather(self._ids_array(ids), layout, gather, bool(skip_missing), pin_memory)
+        return self._gather(_ids_array(ids), layout, gather, bool(skip_missing), pin_memory)
 
     def epoch(
         self,
@@ -635,13 +490,13 @@ class ReplayBuffer:
     def update_priorities(self, ids: Any, priorities: Any, *, ignore_missing: bool = False) -> None:
         """Set priorities p (finite, > 0) of live ids; P(i) ~ p_i^alpha. An evicted id raises
         IndexError (nothing is updated) unless ``ignore_missing``. O(n log N)."""
-        ids_arr = self._ids_array(ids)
-        p = self._priorities_array(priorities, "priorities", ids_arr.size)
+        ids_arr = _ids_array(ids)
+        p = _priorities_array(priorities, "priorities", ids_arr.size)
         self._core.update_priorities(ids_arr, p, bool(ignore_missing))
 
     def priorities(self, ids: Any) -> torch.Tensor:
         """Raw priorities of live ids, float64."""
-        return torch.from_numpy(self._core.priorities(self._ids_array(ids)))
+        return torch.from_numpy(self._core.priorities(_ids_array(ids)))
 
     # ---- persistence ---------------------------------------------------------------------------
 
@@ -684,66 +539,11 @@ class ReplayBuffer:
     def _sequence_arrays(self, seq, B: int) -> list[np.ndarray]:
         out = []
         for v, n, dt in seq:
-            a = self._as_array(v, n, dt)
+            a = _as_array(v, n, dt)
             if a.shape != (B,):
                 raise ValueError(f"per-sequence field {n!r} must have shape ({B},), got {a.shape}")
             out.append(a)
         return out
-
-    @staticmethod
-    def _as_array(value: Any, name: str, dtype: np.dtype) -> np.ndarray:
-        """A C-contiguous NumPy view (zero-copy when possible) of a field, with its exact dtype."""
-        if isinstance(value, torch.Tensor):
-            if value.device.type != "cpu":
-                raise ValueError(f"field {name!r} must be a CPU tensor, got device {value.device}")
-            if value.dtype != _NUMPY_DTYPE_TO_TORCH[dtype]:
-                raise TypeError(
-                    f"field {name!r} must have dtype {_NUMPY_DTYPE_TO_TORCH[dtype]}, got {value.dtype}"
-                )
-            return np.ascontiguousarray(value.detach().resolve_conj().resolve_neg().numpy())
-        if isinstance(value, np.ndarray):
-            if value.dtype != dtype:
-                raise TypeError(f"field {name!r} must have dtype {dtype.name}, got {value.dtype}")
-            return np.ascontiguousarray(value)
-        if isinstance(value, (list, tuple, int, float, bool, np.generic)):
-            try:
-                raw = np.asarray(value)
-            except ValueError as exc:
-                raise ValueError(f"field {name!r} is not a rectangular array: {exc}") from None
-            if raw.dtype.kind not in "biuf" or not np.can_cast(raw.dtype, dtype, casting="same_kind"):
-                raise TypeError(f"field {name!r} must hold {dtype.name} values, got {raw.dtype}")
-            return np.ascontiguousarray(raw, dtype=dtype)
-        raise TypeError(
-            f"field {name!r} must be a NumPy array, a CPU torch tensor or a list, got {type(value).__name__}"
-        )
-
-    @staticmethod
-    def _int_array(value: Any, name: str) -> np.ndarray:
-        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if a.size and a.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
-        return np.ascontiguousarray(a, dtype=np.int64)
-
-    def _ids_array(self, ids: Any) -> np.ndarray:
-        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
-            ids = [ids]
-        a = self._int_array(ids, "ids")
-        if a.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {a.shape}")
-        return a
-
-    @staticmethod
-    def _priorities_array(value: Any, name: str, n: int | None = None) -> np.ndarray:
-        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
-        a = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
-        if n is not None and a.size != n:
-            raise ValueError(f"{name} must have {n} values, got {a.size}")
-        if a.size and not (np.isfinite(a).all() and (a > 0).all()):
-            bad = a[~(np.isfinite(a) & (a > 0))][0]
-            raise ValueError(f"{name} must be finite and > 0, got {bad}")
-        return a
 
     def _min_version(self, min_version: Any) -> int | None:
         if min_version is None:
@@ -765,19 +565,6 @@ class ReplayBuffer:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         return padding_side == "left"
-
-    @staticmethod
-    def _timeout(timeout: Any) -> float | None:
-        if timeout is None:
-            return None
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, (int, float))
-            or math.isnan(timeout)
-            or timeout < 0
-        ):
-            raise ValueError(f"timeout must be a number >= 0 or None, got {timeout!r}")
-        return float(timeout)
 
     def _pad_values(self, pad_values: Mapping[str, Any] | None) -> list[bytes] | None:
         if pad_values is None:
@@ -823,35 +610,3 @@ class ReplayBuffer:
 
 
 _PIN_ATTEMPTS = 3
-
-
-def _check_pin_memory(pin_memory: bool) -> None:
-    if pin_memory and not torch.cuda.is_available():
-        raise ValueError("pin_memory=True needs CUDA (pinned host memory is for fast copies to a GPU)")
-
-
-def _pinned(batch: Batch) -> Batch:
-    """The batch with every tensor copied to pinned memory (the fallback path)."""
-    for name in ("ids", "lengths", "attention_mask", "cu_seqlens", "position_ids", "weights"):
-        t = getattr(batch, name)
-        if t is not None:
-            setattr(batch, name, t.pin_memory())
-    batch.fields = {k: v.pin_memory() for k, v in batch.fields.items()}
-    return batch
-
-
-def _CODES() -> dict[str, int]:
-    return _ext.load().replay_dtype_codes()
-
-
-def _as_fields(spec: Any, cls: type, what: str) -> list:
-    if isinstance(spec, Mapping):
-        return [cls(name, dtype) for name, dtype in spec.items()]
-    out = []
-    for f in spec:
-        if not isinstance(f, cls):
-            raise TypeError(
-                f"{what} must hold {cls.__name__} objects (or be a name -> dtype mapping), got {f!r}"
-            )
-        out.append(f)
-    return out
