@@ -17,6 +17,7 @@ from .backend import BACKENDS  # noqa: E402
 # Public ops and classes (one import line per module).
 from .ops.advantages import discounted_returns, gae, gae_packed  # noqa: E402
 from .ops.group_advantages import group_advantages  # noqa: E402
+from .ops.logprobs import causal_lm_logprobs, fused_linear_logprobs, token_logprobs  # noqa: E402
 from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
 from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches  # noqa: E402
 
@@ -27,7 +28,9 @@ __all__ = [
     "SequenceField",
     "TokenField",
     "__version__",
+    "causal_lm_logprobs",
     "discounted_returns",
+    "fused_linear_logprobs",
     "gae",
     "gae_packed",
     "group_advantages",
@@ -35,4 +38,5 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "token_budget_minibatches",
+    "token_logprobs",
 ]

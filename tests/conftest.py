@@ -25,9 +25,17 @@ def _seed(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """Run a test once per implementation (Triton under the interpreter when CUDA is absent)."""
-    return request.param
+def backend(request: pytest.FixtureRequest):
+    """Run a test once per implementation: Triton under the interpreter when CUDA is absent; with
+    CUDA, the triton case makes CUDA the default device so its tensors reach the compiled kernels."""
+    if request.param == "triton" and HAS_CUDA:
+        torch.set_default_device("cuda")
+        try:
+            yield request.param
+        finally:
+            torch.set_default_device(None)
+    else:
+        yield request.param
 
 
 @pytest.fixture

@@ -1,0 +1,376 @@
+"""Token log-probs and entropy, on given logits or fused with the lm_head (logits never formed),
+and ``causal_lm_logprobs`` for Hugging Face causal LMs (the fused form on the model's head).
+
+Formulas: ../shared/conventions.md ("Log-probs and entropy"). With ``z = logits / T``::
+
+    logp = z[label] - logsumexp(z);  H = logsumexp(z) - sum softmax(z) z
+
+Both outputs are differentiable (the entropy bonus is trained): backward takes the upstream
+gradients of logp AND H and recomputes what it needs from the saved per-token ``lse`` and ``H``.
+Positions whose label is ``ignore_index`` give logp 0, entropy 0 and no gradient. Outputs are
+float32 (float64 for float64 inputs), in the shape of ``labels``.
+
+Backends (``alignkit.backend.resolve``): ``triton`` (kernels/logprobs.py) for fp16/bf16/fp32,
+``cpu`` (alignkit/cpu/logprobs.py, chunked torch, any device). fp64 inputs always take the
+chunked-torch path, which is exact in fp64 (it is what ``gradcheck`` tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from .. import backend as _backend
+from ..cpu import logprobs as _cpu
+
+_backend.register_op("token_logprobs")
+_backend.register_op("fused_linear_logprobs")
+_backend.register_op("causal_lm_logprobs")
+
+
+def _use_triton(backend: str | None, t: torch.Tensor) -> bool:
+    return _backend.resolve(backend, t.device) == "triton" and t.dtype != torch.float64
+
+
+def _grad_or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g.to(like.dtype).contiguous()
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, triton, inplace_backward, need_entropy):
+        # logits (N, V) unit column stride; labels (N,) int64
+        if triton:
+            from ..kernels import logprobs as _kernels
+
+            logp, ent, lse = _kernels.token_logprobs_fwd(logits, labels, temperature, ignore_index)
+        else:
+            logp, ent, lse = _cpu.token_logprobs_fwd(
+                logits, labels, temperature, ignore_index, need_entropy=need_entropy
+            )
+        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.args = (temperature, ignore_index, triton, inplace_backward)
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, labels, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, triton, inplace_backward = ctx.args
+        if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
+            return (None,) * 7
+        out = logits if inplace_backward else None
+        g_logp, g_ent = _grad_or_zeros(g_logp, lse), _grad_or_zeros(g_ent, lse)
+        if triton:
+            from ..kernels import logprobs as _kernels
+
+            d_logits = _kernels.token_logprobs_bwd(
+                logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, out=out
+            )
+        else:
+            d_logits = _cpu.token_logprobs_bwd(
+                logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, out=out
+            )
+        return d_logits, None, None, None, None, None, None
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, triton, need_entropy
+    ):
+        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64
+        if triton:
+            from ..kernels import logprobs as _kernels
+
+            logp, ent, lse = _kernels.fused_linear_logprobs_fwd(
+                hidden, weight, bias, labels, temperature, ignore_index
+            )
+        else:
+            logp, ent, lse = _cpu.fused_linear_logprobs_fwd(
+                hidden, weight, bias, labels, temperature, ignore_index, chunk_size, need_entropy
+            )
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.args = (temperature, ignore_index, chunk_size, triton)
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        temperature, ignore_index, chunk_size, triton = ctx.args
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not any(needs) or (g_logp is None and g_ent is None):
+            return (None,) * 9
+        keep = labels != ignore_index
+        zeros = torch.zeros_like(lse)
+        g_logp = torch.where(keep, _grad_or_zeros(g_logp, lse), zeros)
+        g_ent = torch.where(keep, _grad_or_zeros(g_ent, lse), zeros)
+        if triton:
+            from ..kernels import logprobs as _kernels
+
+            grads = _kernels.fused_linear_logprobs_bwd(
+                hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, needs, chunk_size
+            )
+        else:
+            grads = _cpu.fused_linear_logprobs_bwd(
+                hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
+                chunk_size,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None, None)
+
+
+def _check_labels(labels: object, shape: torch.Size, shape_name: str, ref: torch.Tensor) -> torch.Tensor:
+    labels = _checks.tensor(labels, "labels")
+    if labels.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != shape:
+        raise ValueError(f"labels must have the shape {shape_name} {tuple(shape)}, got {tuple(labels.shape)}")
+    _checks.same_device(labels, "labels", ref, "the inputs")
+    return labels
+
+
+def _ignore_index(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
+    return value
+
+
+def _label_range(labels: torch.Tensor, vocab: int, ignore_index: int, check: bool | None) -> None:
+    """Labels outside [0, V) that are not ignore_index: ValueError when checked (default on
+    CPU tensors; opt-in on CUDA, where the check costs a device sync). Unchecked, they give NaN."""
+    if check is None:
+        check = labels.device.type == "cpu"
+    if check:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = int(labels[bad][0])
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, got {first} "
+                f"({int(bad.sum())} such labels)"
+            )
+
+
+def _outputs(logp, ent, shape, return_entropy):
+    logp = logp.reshape(shape)
+    return (logp, ent.reshape(shape)) if return_entropy else logp
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    *,
+    inplace_backward: bool = False,
+    check_labels: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``labels`` under ``softmax(logits / temperature)`` (and the entropy).
+
+    Args:
+        logits: (..., V) float tensor, any float dtype; never upcast as a whole (fp32 math per tile).
+        labels: (...) integer tensor; ``ignore_index`` marks positions that give 0 and no gradient.
+        temperature: > 0.
+        return_entropy: also return ``H = lse - sum p z`` (differentiable).
+        inplace_backward: backward writes d logits into ``logits``' storage and returns it as the
+            gradient (saves one (N, V) buffer). Only for logits that nothing else reads after
+            this op's backward (e.g. a fresh ``lm_head`` output).
+        check_labels: raise ValueError for labels outside [0, V); default: on for CPU tensors,
+            off on CUDA (it syncs), where such labels give NaN instead.
+        backend: ``"auto" | "triton" | "cpu"`` (default: ``$ALIGNKIT_BACKEND`` or auto).
+
+    Returns:
+        logp (...) float32 (float64 for float64 logits), or ``(logp, entropy)``.
+    """
+    logits = _checks.float_tensor(logits, "logits")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(
+            f"logits must have a non-empty last (vocabulary) dimension, got {tuple(logits.shape)}"
+        )
+    labels = _check_labels(labels, logits.shape[:-1], "of logits without its last dimension", logits)
+    temperature = _checks.positive(temperature, "temperature")
+    ignore_index = _ignore_index(ignore_index)
+    vocab = logits.shape[-1]
+    _label_range(labels, vocab, ignore_index, check_labels)
+    triton = _use_triton(backend, logits)
+    flat = logits.reshape(-1, vocab)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, ent = _TokenLogprobs.apply(
+        flat, flat_labels, temperature, ignore_index, triton, inplace_backward, bool(return_entropy)
+    )
+    return _outputs(logp, ent, labels.shape, return_entropy)
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    *,
+    check_labels: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs(hidden @ weight.T + bias, labels, ...)`` without forming the logits.
+
+    Args:
+        hidden: (..., H) float tensor (the last hidden states).
+        weight: (V, H) lm_head weight, same dtype and device as ``hidden``.
+        labels: (...) integer tensor, ``hidden``'s leading shape.
+        bias: optional (V,) lm_head bias.
+        chunk_size: rows of logits held at once by the backward (and by the CPU forward);
+            default: a (chunk, V) block about the size of ``hidden`` (Triton) or 32 MiB (CPU).
+        check_labels, backend: as in :func:`token_logprobs`.
+
+    Gradients flow to hidden, weight and bias from the upstream gradients of logp and of the
+    entropy; backward recomputes the logits block by block from the saved ``lse`` and ``H``.
+    At most one (chunk, V) block of logits exists at a time.
+
+    Returns:
+        logp (...) float32 (float64 for float64 inputs), or ``(logp, entropy)``.
+    """
+    hidden = _checks.float_tensor(hidden, "hidden")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
+    weight = _checks.float_tensor(weight, "weight", ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (V >= 1), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    _checks.same_device(weight, "weight", hidden, "hidden")
+    vocab = weight.shape[0]
+    if bias is not None:
+        bias = _checks.float_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != vocab:
+            raise ValueError(f"bias must have shape ({vocab},) to match weight, got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        _checks.same_device(bias, "bias", hidden, "hidden")
+    labels = _check_labels(labels, hidden.shape[:-1], "of hidden without its last dimension", hidden)
+    temperature = _checks.positive(temperature, "temperature")
+    ignore_index = _ignore_index(ignore_index)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    _label_range(labels, vocab, ignore_index, check_labels)
+    triton = _use_triton(backend, hidden)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    logp, ent = _FusedLinearLogprobs.apply(
+        flat, weight, bias, flat_labels, temperature, ignore_index, chunk_size, triton, bool(return_entropy)
+    )
+    return _outputs(logp, ent, labels.shape, return_entropy)
+
+
+def _output_head(model: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"model must be a Hugging Face causal LM whose get_output_embeddings() returns a linear "
+            f"lm_head, got {type(model).__name__} with output embeddings {type(head).__name__}"
+        )
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"model applies {attr}={value} to its logits, which causal_lm_logprobs does not "
+                "reproduce: compute model(...).logits and call token_logprobs instead"
+            )
+    return weight, getattr(head, "bias", None)
+
+
+def causal_lm_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    **model_kwargs: object,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (and entropy) of a Hugging Face causal LM, logits never formed.
+
+    Runs the model's body (``model.base_model``: LlamaModel, Qwen2Model, GPT2Model, ...) to its
+    last hidden states and applies :func:`fused_linear_logprobs` with the output embedding
+    (``model.get_output_embeddings()``; tied embeddings receive their gradient through the
+    shared parameter). Position t scores ``input_ids[:, t + 1]`` given ``input_ids[:, :t + 1]``.
+
+    Args:
+        model: a ``*ForCausalLM`` model (logit soft-capping / scaling models are rejected).
+        input_ids: (B, T) token ids; attention_mask: (B, T) 0/1 or None (all ones).
+        position_ids: forwarded to the model (pass ``cumsum(mask) - 1`` for left padding).
+        logits_to_keep: score only the last k tokens (0: all T - 1), as TRL does for completions.
+        temperature, chunk_size, backend: as in :func:`fused_linear_logprobs`.
+        model_kwargs: forwarded to the body.
+
+    Returns:
+        logp (B, T - 1) (or (B, k)) float32, 0 where the scored token is padding
+        (``attention_mask[:, t + 1] == 0``); with ``return_entropy``, ``(logp, entropy)``.
+    """
+    input_ids = _checks.tensor(input_ids, "input_ids")
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.is_complex():
+        raise ValueError(
+            f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} of shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if input_ids.shape[1] < 2:
+        raise ValueError(
+            f"input_ids must hold at least 2 tokens per row to score one, got {tuple(input_ids.shape)}"
+        )
+    if attention_mask is not None:
+        attention_mask = _checks.mask(attention_mask, "attention_mask", input_ids, "input_ids")
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+    weight, bias = _output_head(model)
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise ValueError(
+            f"model must have a base_model body separate from its lm_head, got {type(model).__name__}"
+        )
+    out = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **model_kwargs,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    keep = input_ids.shape[1] - 1 if logits_to_keep == 0 else min(logits_to_keep, input_ids.shape[1] - 1)
+    hidden = hidden[:, -keep - 1 : -1]  # (B, k, H): the states that predict the kept tokens
+    labels = input_ids[:, -keep:].to(torch.int64)  # (B, k)
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, -keep:] == 0, -100)
+    return fused_linear_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=-100,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+        backend=backend,
+    )

@@ -1,0 +1,466 @@
+"""Triton kernels for token log-probs and entropy: on given logits, and fused with the lm_head.
+
+Math (../shared/conventions.md, "Log-probs and entropy"), per token with ``z = x / T``. Online
+over vocabulary tiles, keeping the running max ``m``, ``s = sum exp(z - m)`` and
+``u = sum exp(z - m) (z - m)`` (taken relative to the max: ``z - m <= 0`` and ``s >= 1`` make
+``logp <= 0`` and ``H >= 0`` hold in floating point). A new tile with max ``m'`` rescales::
+
+    a = exp(m - m');  u <- a (u + (m - m') s) + sum exp(z - m') (z - m');  s <- a s + sum exp(z - m')
+
+    lse = m + log s;  logp = (z_label - m) - log s;  H = log s - u / s
+    dz_j = g_logp (1[j = label] - p_j) - g_H p_j (log p_j + H);  d x = dz / T
+
+Kernels:
+* ``_token_logprobs_fwd_kernel`` / ``_token_logprobs_bwd_kernel``: one program per row of given
+  logits, looping over V tiles; the backward may write d logits over the logits (in place).
+* ``_fused_linear_logprobs_fwd_kernel``: (BLOCK_N tokens) x (a split of the vocabulary) per
+  program; each logits tile is ``tl.dot`` over H in fp32 and folded into the online statistics,
+  then dropped. Splits write partial (m, s, u, z_label), combined on the host (O(N) work).
+* ``_fused_linear_logprobs_bwd_kernel``: recomputes a (BLOCK_N, BLOCK_V) logits tile from the
+  saved lse / H and writes dz for one chunk of rows; the host turns the (chunk, V) dz block into
+  d hidden = dz @ W and d weight += dz^T h with two matmuls, then reuses the buffer.
+
+Labels outside [0, V) that are not ``ignore_index`` give NaN (never a plausible wrong number).
+Inputs: fp16 / bf16 / fp32 (fp32 accumulation); fp64 is served by the CPU implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreter_active
+
+# Row kernels loop over the vocabulary in tiles of at most this many columns.
+MAX_BLOCK_V_ROW = 4096
+# Running-max initial value: finite, so (m - m') * s stays 0 * finite = 0 on empty rows/splits.
+NEG_BIG = tl.constexpr(-1.0e30)
+NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _online_update(m, s, u, z, valid):
+    # Fold a (ROWS, BLOCK_V) tile of scaled logits into the running (m, s, u) of each row.
+    z = tl.where(valid, z, NEG_BIG)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shifted = z - m_new[:, None]
+    e = tl.where(valid, tl.exp(shifted), 0.0)
+    alpha = tl.exp(m - m_new)
+    u = alpha * (u + (m - m_new) * s) + tl.sum(e * shifted, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, u
+
+
+@triton.jit
+def _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp):
+    # dz / T for a tile: g_logp (1[j = label] - p) - g_H p (log p + H).
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
+    dz = g_logp[:, None] * (onehot - p) - g_ent[:, None] * p * (logp + ent[:, None])
+    return dz * inv_temp
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs of given logits (row kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    x_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    V, stride_xn, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    row = x_ptr + pid * stride_xn
+    label = tl.load(labels_ptr + pid + tl.zeros((1,), dtype=tl.int64))  # (1,)
+    m = tl.full((1,), NEG_BIG, tl.float32)
+    s = tl.zeros((1,), tl.float32)
+    u = tl.zeros((1,), tl.float32)
+    z_label = tl.zeros((1,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs_v = start + tl.arange(0, BLOCK_V)
+        valid = offs_v < V
+        z = tl.load(row + offs_v, mask=valid, other=0.0).to(tl.float32)[None, :] * inv_temp
+        m, s, u = _online_update(m, s, u, z, valid[None, :])
+        z_label += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+    log_s = tl.log(s)
+    logp = (z_label - m) - log_s
+    ent = log_s - u / s
+    keep = label != ignore_index
+    logp = tl.where((label < 0) | (label >= V), NAN, logp)
+    tl.store(logp_ptr + pid + tl.arange(0, 1), tl.where(keep, logp, 0.0))
+    tl.store(ent_ptr + pid + tl.arange(0, 1), tl.where(keep, ent, 0.0))
+    tl.store(lse_ptr + pid + tl.arange(0, 1), m + log_s)
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    x_ptr, dx_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+    V, stride_xn, stride_dxn, inv_temp, ignore_index,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # dx may alias x: every element is read before the same program overwrites it.
+    pid = tl.program_id(0).to(tl.int64)
+    one = tl.arange(0, 1)
+    label = tl.load(labels_ptr + pid + one)
+    keep = label != ignore_index
+    lse = tl.load(lse_ptr + pid + one)
+    ent = tl.load(ent_ptr + pid + one)
+    g_logp = tl.where(keep, tl.load(g_logp_ptr + pid + one), 0.0)
+    g_ent = tl.where(keep, tl.load(g_ent_ptr + pid + one), 0.0)
+    for start in range(0, V, BLOCK_V):
+        offs_v = start + tl.arange(0, BLOCK_V)
+        valid = offs_v < V
+        z = tl.load(x_ptr + pid * stride_xn + offs_v, mask=valid, other=0.0).to(tl.float32)[None, :]
+        dz = _dz(z * inv_temp, lse, ent, g_logp, g_ent, label, offs_v, inv_temp)
+        tl.store(
+            dx_ptr + pid * stride_dxn + offs_v[None, :],
+            dz.to(dx_ptr.dtype.element_ty),
+            mask=valid[None, :],
+        )
+
+
+def _row_block(vocab: int) -> int:
+    return min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V_ROW)
+
+
+def token_logprobs_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) with unit column stride, labels (N,) -> fp32 logp, entropy, lse (N,)."""
+    n, vocab = logits.shape
+    assert logits.stride(1) == 1 and labels.is_contiguous()
+    logp, ent, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+    if n == 0:
+        return logp, ent, lse
+    _token_logprobs_fwd_kernel[(n,)](
+        logits, labels, logp, ent, lse, vocab, logits.stride(0), 1.0 / temperature, ignore_index,
+        BLOCK_V=block_v or _row_block(vocab),
+    )  # fmt: skip
+    return logp, ent, lse
+
+
+def token_logprobs_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ent: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    out: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """d logits (N, V) in logits' dtype; ``out`` may be ``logits`` (written in place)."""
+    n, vocab = logits.shape
+    if out is None:
+        out = torch.empty_like(logits)
+    assert out.shape == logits.shape and out.stride(1) == 1
+    if n == 0:
+        return out
+    _token_logprobs_bwd_kernel[(n,)](
+        logits, out, labels, lse, ent, g_logp.contiguous(), g_ent.contiguous(),
+        vocab, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
+        BLOCK_V=block_v or _row_block(vocab),
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused lm_head + log-probs (matmul-shaped kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # z = (h @ W^T + b) / T for rows offs_n, columns offs_v, fp32 accumulation over H.
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, H, BLOCK_H):
+        offs_k = k + tl.arange(0, BLOCK_H)
+        h = tl.load(
+            h_ptr + offs_n[:, None] * stride_hn + offs_k[None, :],
+            mask=(offs_n[:, None] < N) & (offs_k[None, :] < H),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_H)
+        w = tl.load(
+            w_ptr + offs_v[None, :] * stride_wv + offs_k[:, None],
+            mask=(offs_v[None, :] < V) & (offs_k[:, None] < H),
+            other=0.0,
+        )  # (BLOCK_H, BLOCK_V): W^T tile
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
+def _fused_linear_logprobs_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, s_ptr, u_ptr, zl_ptr,
+    N, V, H, stride_hn, stride_wv, inv_temp, split_cols,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Program (pid_n, split): rows [pid_n BLOCK_N, +BLOCK_N) over vocabulary tiles
+    # [split * split_cols, +split_cols) (a multiple of BLOCK_V). Writes partial (m, s, u, z_label) to row
+    # `split` of the (splits, N) buffers; the host combines the splits.
+    pid_n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
+    m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    u = tl.zeros((BLOCK_N,), tl.float32)
+    z_label = tl.zeros((BLOCK_N,), tl.float32)
+    v_start = split * split_cols
+    v_stop = tl.minimum(v_start + split_cols, V)
+    for v in range(v_start, v_stop, BLOCK_V):
+        offs_v = v + tl.arange(0, BLOCK_V)
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temp,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+        )  # fmt: skip
+        m, s, u = _online_update(m, s, u, z, (offs_v < V)[None, :])
+        z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
+    out = split * N + offs_n
+    keep = offs_n < N
+    tl.store(m_ptr + out, m, mask=keep)
+    tl.store(s_ptr + out, s, mask=keep)
+    tl.store(u_ptr + out, u, mask=keep)
+    tl.store(zl_ptr + out, z_label, mask=keep)
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr,
+    N, V, H, stride_hn, stride_wv, stride_dzn, inv_temp,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # dz tile (rows offs_n, columns offs_v) from the recomputed logits and the saved lse / H;
+    # upstream gradients are already zero on ignored rows.
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+    ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
+    g_logp = tl.load(g_logp_ptr + offs_n, mask=row_ok, other=0.0)
+    g_ent = tl.load(g_ent_ptr + offs_n, mask=row_ok, other=0.0)
+    z = _logits_tile(
+        h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temp,
+        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+    )  # fmt: skip
+    dz = _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp)
+    tl.store(
+        dz_ptr + offs_n[:, None] * stride_dzn + offs_v[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_v[None, :] < V),
+    )
+
+
+def _matmul_configs():
+    configs = []
+    for bn, bv, bh, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 256, 64, 8, 4),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+    ]:
+        configs.append(
+            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
+        )
+    return configs
+
+
+# Compiled (CUDA) launches autotune over a pruned list; the interpreter runs one small config.
+if interpreter_active():
+    _fwd_kernel = _fused_linear_logprobs_fwd_kernel
+    _bwd_kernel = _fused_linear_logprobs_bwd_kernel
+else:  # pragma: no cover - needs a GPU
+    _fwd_kernel = triton.autotune(configs=_matmul_configs(), key=["V", "H", "HAS_BIAS"])(
+        _fused_linear_logprobs_fwd_kernel
+    )
+    _bwd_kernel = triton.autotune(configs=_matmul_configs(), key=["V", "H", "HAS_BIAS"])(
+        _fused_linear_logprobs_bwd_kernel
+    )
+
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
+_MAX_BLOCK_V = 256  # the largest BLOCK_V of _matmul_configs
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands: exact fp32 products (the default would be tf32 on a GPU).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _interpreter_operands(hidden, weight, bias):
+    """Under the Triton interpreter, fp16/bf16 ``tl.dot`` operands are not emulated (the products
+    come out wrong), so the launchers hand it fp32 copies; compiled launches use the inputs as is."""
+    if not interpreter_active() or hidden.dtype == torch.float32:
+        return hidden, weight, bias
+    return hidden.float(), weight.float(), None if bias is None else bias.float()
+
+
+def _blocks(blocks: dict | None) -> dict:
+    if blocks is not None:
+        return dict(blocks)
+    return dict(INTERPRETER_BLOCKS) if interpreter_active() else {}
+
+
+def fused_linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    splits: int | None = None,
+    blocks: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) -> fp32 logp, entropy, lse.
+
+    ``splits`` cuts the vocabulary into that many ranges run by separate programs (more
+    parallelism for small N); default: enough programs to fill the GPU twice. ``blocks``
+    (BLOCK_N / BLOCK_V / BLOCK_H) overrides the tile sizes (tests; disables autotuning).
+    """
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    assert hidden.stride(1) == 1 and weight.stride(1) == 1 and labels.is_contiguous()
+    assert hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    hidden, weight, bias = _interpreter_operands(hidden, weight, bias)
+    device = hidden.device
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty.clone(), empty.clone()
+    blk = _blocks(blocks)
+    # Splits are whole multiples of the largest BLOCK_V any launch may use, so every tile of a
+    # split lies inside it whatever config the autotuner picks.
+    align = blk.get("BLOCK_V", _MAX_BLOCK_V)
+    if splits is None:
+        splits = 1
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = triton.cdiv(2 * sms, triton.cdiv(n, 128))
+    splits = max(1, int(splits))
+    split_cols = triton.cdiv(triton.cdiv(vocab, splits), align) * align
+    splits = triton.cdiv(vocab, split_cols)
+    partial = torch.empty((4, splits, n), dtype=torch.float32, device=device)
+    m, s, u, z_label = partial.unbind(0)
+    args = (
+        hidden, weight, bias if bias is not None else hidden, labels, m, s, u, z_label,
+        n, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature, split_cols,
+    )  # fmt: skip
+    flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": _dot_precision(hidden.dtype)}
+    if blk:
+        _fused_linear_logprobs_fwd_kernel[(triton.cdiv(n, blk["BLOCK_N"]), splits)](*args, **flags, **blk)
+    else:  # pragma: no cover - autotuned, needs a GPU
+        _fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
+    return _combine(m, s, u, z_label, labels, vocab, ignore_index)
+
+
+def _combine(m, s, u, z_label, labels, vocab: int, ignore_index: int):
+    """Merge per-split (splits, N) statistics into logp, entropy, lse (N,). Empty splits have
+    m = NEG_BIG, s = u = 0 and drop out (weight exp(m - M) = 0, (m - M) s = 0)."""
+    m_all = m.amax(dim=0)
+    alpha = torch.exp(m - m_all)
+    s_all = (alpha * s).sum(dim=0)
+    u_all = (alpha * (u + (m - m_all) * s)).sum(dim=0)
+    log_s = torch.log(s_all)
+    ent = log_s - u_all / s_all
+    logp = (z_label.sum(dim=0) - m_all) - log_s
+    keep = labels != ignore_index
+    logp = torch.where(keep & ((labels < 0) | (labels >= vocab)), float("nan"), logp)
+    zero = torch.zeros_like(logp)
+    return torch.where(keep, logp, zero), torch.where(keep, ent, zero), m_all + log_s
+
+
+def default_chunk_rows(n: int, hdim: int, vocab: int) -> int:
+    """Rows per backward chunk: a (chunk, V) dz block about the size of hidden (N, H), at least
+    1024 rows (matmul efficiency, few roundings of d weight), a multiple of 128."""
+    rows = max(1024, triton.cdiv(n * hdim, vocab))
+    return min(triton.cdiv(rows, 128) * 128, max(n, 1))
+
+
+def fused_linear_logprobs_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ent: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor,
+    temperature: float,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    chunk_rows: int | None = None,
+    blocks: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d hidden, d weight, d bias) with ``g_logp`` / ``g_ent`` (N,) fp32, zero on ignored rows.
+
+    Per chunk of rows the kernel writes dz (chunk, V) in the input dtype (fp32 products for
+    fp32); d hidden = dz @ W and d weight += dz^T h are matmuls on that block. d bias
+    accumulates in fp32; d weight in the weight's dtype (one rounding per chunk).
+    """
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    need_h, need_w, need_b = needs
+    device = hidden.device
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    hidden, weight, bias = _interpreter_operands(hidden, weight, bias)
+    d_hidden = torch.empty_like(hidden) if need_h else None
+    # d weight accumulates in the weight's dtype: each chunk's matmul sums in fp32 and rounds
+    # once (an fp32 accumulator would need an fp32 copy of a (V, H) matmul result per chunk).
+    d_weight = torch.zeros_like(weight) if need_w else None
+    need_b = need_b and bias is not None
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    chunk_rows = chunk_rows or default_chunk_rows(n, hdim, vocab)
+    blk = _blocks(blocks)
+    kernel = _fused_linear_logprobs_bwd_kernel if blocks is not None else _bwd_kernel
+    dz_buffer = torch.empty((min(chunk_rows, n), vocab), dtype=hidden.dtype, device=device)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        rows = stop - start
+        h = hidden[start:stop]
+        dz = dz_buffer[:rows]
+        args = (
+            h, weight, bias if bias is not None else hidden, labels[start:stop], lse[start:stop],
+            ent[start:stop], g_logp[start:stop], g_ent[start:stop], dz,
+            rows, vocab, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
+        )  # fmt: skip
+        flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": _dot_precision(hidden.dtype)}
+        if blk:
+            kernel[(triton.cdiv(rows, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))](
+                *args, **flags, **blk
+            )
+        else:  # pragma: no cover - autotuned, needs a GPU
+            kernel[
+                lambda meta, r=rows: (triton.cdiv(r, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
+            ](*args, **flags)
+        if d_hidden is not None:
+            torch.mm(dz, weight, out=d_hidden[start:stop])
+        if d_weight is not None:
+            d_weight.addmm_(dz.T, h)
+        if d_bias is not None:
+            d_bias += dz.sum(dim=0, dtype=torch.float32)
+    if d_hidden is not None:
+        d_hidden = d_hidden.to(dtypes[0])
+    if d_weight is not None:
+        d_weight = d_weight.to(dtypes[1])
+    if d_bias is not None:
+        d_bias = d_bias.to(dtypes[2])
+    return d_hidden, d_weight, d_bias

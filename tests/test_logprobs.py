@@ -1,0 +1,520 @@
+"""token_logprobs / fused_linear_logprobs against a float64 oracle (conventions.md, "Log-probs and
+entropy"), on both backends (Triton under the interpreter without CUDA: small sizes, fp32 for the
+tl.dot kernels, whose bf16 products the interpreter does not emulate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import alignkit
+from alignkit.kernels import logprobs as kernels
+
+IGNORE = -100
+
+
+def oracle(logits, labels, temperature=1.0, ignore_index=IGNORE, dtype=torch.float64):
+    """logp and entropy computed plainly (log_softmax, gather) in ``dtype``; ignored rows give 0."""
+    z = logits.to(dtype) / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    keep = labels != ignore_index
+    logp = log_p.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    ent = -(log_p.exp() * log_p).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(keep, logp, zero), torch.where(keep, ent, zero)
+
+
+def make_labels(shape, vocab, ignored=0.2):
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignored] = IGNORE
+    return labels
+
+
+def grads_of(fn, inputs, g_logp, g_ent):
+    """Gradients of sum(g_logp logp + g_ent H) w.r.t. ``inputs`` (fn returns (logp, H))."""
+    logp, ent = fn()
+    loss = (logp.double() * g_logp).sum() + (ent.double() * g_ent).sum()
+    return torch.autograd.grad(loss, inputs), (logp, ent)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_no_worse(fast, plain, exact, tol, what):
+    """The fast path's error against fp64 is at most plain PyTorch's (same dtype) plus tol."""
+    e_fast, e_plain = max_err(fast, exact), max_err(plain, exact)
+    assert e_fast <= e_plain + tol, f"{what}: error {e_fast:.3g} vs plain torch {e_plain:.3g} (+{tol})"
+
+
+def check_invariants(logp, ent):
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert (logp <= 0).all(), logp.max()
+    assert (ent >= 0).all(), ent.min()
+
+
+# ------------------------------------------------------------------ token_logprobs
+
+TOKEN_SHAPES = {
+    "cpu": [(1, 1), (7, 3), (257, 3), (7, 50257), (2, 3, 1000)],
+    "triton": [(1, 1), (7, 3), (33, 300), (2, 3, 70), (5, 257)],
+}
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_token_logprobs_matches_fp64(backend, case):
+    *lead, vocab = TOKEN_SHAPES[backend][case]
+    logits = (3 * torch.randn(*lead, vocab)).requires_grad_()
+    labels = make_labels(lead, vocab)
+    temperature = 0.7
+    g_logp, g_ent = torch.randn(lead, dtype=torch.float64), torch.randn(lead, dtype=torch.float64)
+
+    (d_fast,), (logp, ent) = grads_of(
+        lambda: alignkit.token_logprobs(
+            logits, labels, temperature, return_entropy=True, backend=backend
+        ),
+        [logits], g_logp, g_ent,
+    )  # fmt: skip
+    (d_plain,), (lp_plain, ent_plain) = grads_of(
+        lambda: oracle(logits, labels, temperature, dtype=torch.float32), [logits], g_logp, g_ent
+    )
+    exact64 = logits.detach().double().requires_grad_()
+    (d_exact,), (lp_exact, ent_exact) = grads_of(
+        lambda: oracle(exact64, labels, temperature), [exact64], g_logp, g_ent
+    )
+    assert logp.dtype == torch.float32 and logp.shape == labels.shape
+    assert_no_worse(logp, lp_plain, lp_exact, 1e-5, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, 1e-5, "entropy")
+    assert_no_worse(d_fast, d_plain, d_exact, 5e-4, "d logits")
+    check_invariants(logp, ent)
+    # ignored positions: 0 and no gradient
+    ignored = labels == IGNORE
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    assert (d_fast[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_token_logprobs_half_precision(backend, dtype):
+    logits = (4 * torch.randn(9, 130)).to(dtype).requires_grad_()
+    labels = make_labels((9,), 130)
+    g_logp, g_ent = torch.randn(9, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    (d_fast,), (logp, ent) = grads_of(
+        lambda: alignkit.token_logprobs(logits, labels, return_entropy=True, backend=backend),
+        [logits], g_logp, g_ent,
+    )  # fmt: skip
+    (d_plain,), (lp_plain, ent_plain) = grads_of(
+        lambda: oracle(logits, labels, dtype=dtype), [logits], g_logp, g_ent
+    )
+    exact64 = logits.detach().double().requires_grad_()
+    (d_exact,), (lp_exact, ent_exact) = grads_of(lambda: oracle(exact64, labels), [exact64], g_logp, g_ent)
+    assert logp.dtype == torch.float32 and d_fast.dtype == dtype
+    assert_no_worse(logp, lp_plain, lp_exact, 1e-2, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, 1e-2, "entropy")
+    assert_no_worse(d_fast, d_plain, d_exact, 1e-2, "d logits")
+    check_invariants(logp, ent)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_token_logprobs_extremes(backend, temperature, scale):
+    vocab = 50 if backend == "triton" else 5000
+    logits = (scale * torch.randn(6, vocab)).requires_grad_()
+    logits.data[0, :] = scale  # a flat row: maximal entropy log V
+    labels = make_labels((6,), vocab, ignored=0.0)
+    logp, ent = alignkit.token_logprobs(logits, labels, temperature, return_entropy=True, backend=backend)
+    check_invariants(logp, ent)
+    lp_exact, ent_exact = oracle(logits.detach(), labels, temperature)
+    lp_plain, ent_plain = oracle(logits.detach(), labels, temperature, dtype=torch.float32)
+    # logp reaches -3e5 here: allow two fp32 ulps of the result on top of plain torch's error
+    tol = 1e-5 + 2.4e-7 * lp_exact.abs().max().item()
+    assert_no_worse(logp, lp_plain, lp_exact, tol, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, tol, "entropy")
+    assert ent[0].item() == pytest.approx(torch.log(torch.tensor(float(vocab))).item(), abs=1e-4)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_token_logprobs_vocab_of_one(backend):
+    logits = torch.randn(4, 1, requires_grad=True)
+    labels = torch.tensor([0, 0, IGNORE, 0])
+    logp, ent = alignkit.token_logprobs(logits, labels, return_entropy=True, backend=backend)
+    assert (logp == 0).all() and (ent == 0).all()
+    (logp.sum() + ent.sum()).backward()
+    assert (logits.grad == 0).all()
+
+
+def test_token_logprobs_inplace_backward(backend):
+    base = torch.randn(12, 40, requires_grad=True)
+    labels = make_labels((12,), 40)
+    g = torch.randn(12)
+    expected = torch.autograd.grad(
+        (alignkit.token_logprobs(base * 2, labels, backend=backend) * g).sum(), base
+    )[0]
+    logits = base * 2  # an intermediate, as an lm_head output would be
+    ptr = logits.data_ptr()
+    captured = {}
+
+    def remember(grad):
+        captured["ptr"] = grad.data_ptr()
+
+    logits.register_hook(remember)
+    logp = alignkit.token_logprobs(logits, labels, inplace_backward=True, backend=backend)
+    (got,) = torch.autograd.grad((logp * g).sum(), base)
+    assert captured["ptr"] == ptr  # d logits was written over the logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_token_logprobs_gradcheck_fp64():
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, IGNORE, 3, 2])
+
+    def fn(x):
+        return alignkit.token_logprobs(x, labels, 0.6, return_entropy=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+# ------------------------------------------------------------------ fused_linear_logprobs
+
+FUSED_SHAPES = {  # (N, H, V)
+    "cpu": [(1, 24, 1), (7, 40, 3), (257, 40, 333), (7, 24, 50257)],
+    "triton": [(1, 24, 1), (7, 40, 3), (37, 40, 150), (64, 48, 300)],
+}
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("case", range(4))
+def test_fused_linear_logprobs_matches_fp64(backend, case, with_bias):
+    n, hdim, vocab = FUSED_SHAPES[backend][case]
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = (torch.randn(vocab, hdim) / hdim**0.5 * 3).requires_grad_()
+    bias = torch.randn(vocab, requires_grad=True) if with_bias else None
+    labels = make_labels((n,), vocab)
+    temperature = 0.8
+    params = [hidden, weight] + ([bias] if with_bias else [])
+    g_logp, g_ent = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+
+    def logits_of(ps):
+        z = ps[0] @ ps[1].T
+        return z + ps[2] if with_bias else z
+
+    fast_grads, (logp, ent) = grads_of(
+        lambda: alignkit.fused_linear_logprobs(
+            hidden, weight, labels, bias, temperature, return_entropy=True, chunk_size=100, backend=backend
+        ),
+        params, g_logp, g_ent,
+    )  # fmt: skip
+    plain_grads, (lp_plain, ent_plain) = grads_of(
+        lambda: oracle(logits_of(params), labels, temperature, dtype=torch.float32), params, g_logp, g_ent
+    )
+    exact = [p.detach().double().requires_grad_() for p in params]
+    exact_grads, (lp_exact, ent_exact) = grads_of(
+        lambda: oracle(logits_of(exact), labels, temperature), exact, g_logp, g_ent
+    )
+    assert_no_worse(logp, lp_plain, lp_exact, 1e-5, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, 1e-5, "entropy")
+    for name, f, p, e in zip(
+        ["d hidden", "d weight", "d bias"][: len(params)], fast_grads, plain_grads, exact_grads, strict=True
+    ):
+        assert f.dtype == torch.float32
+        assert_no_worse(f, p, e, 5e-4, name)
+    check_invariants(logp, ent)
+    ignored = labels == IGNORE
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    assert (fast_grads[0][ignored] == 0).all()
+
+
+def test_fused_linear_logprobs_leading_dims_and_chunks(backend):
+    hidden = torch.randn(2, 5, 24)
+    weight = torch.randn(70, 24) / 5
+    labels = make_labels((2, 5), 70)
+    whole = alignkit.fused_linear_logprobs(hidden, weight, labels, return_entropy=True, backend=backend)
+    expected = oracle(hidden @ weight.T, labels)
+    for got, exp in zip(whole, expected, strict=True):
+        assert got.shape == (2, 5)
+        torch.testing.assert_close(got.double(), exp, rtol=0, atol=1e-5)
+    # chunking of the backward (1, 3 rows) changes nothing
+    grads = []
+    for chunk in (None, 1, 3):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        logp, ent = alignkit.fused_linear_logprobs(
+            h, w, labels, return_entropy=True, chunk_size=chunk, backend=backend
+        )
+        (logp.sum() - 0.1 * ent.sum()).backward()
+        grads.append((h.grad, w.grad))
+    for h_grad, w_grad in grads[1:]:
+        torch.testing.assert_close(h_grad, grads[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w_grad, grads[0][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 100])
+def test_fused_kernel_vocabulary_splits(splits):
+    """Split-vocabulary programs (partial statistics combined on the host) match one split."""
+    hidden, weight, bias = torch.randn(20, 40), torch.randn(250, 40) / 4, torch.randn(250)
+    labels = make_labels((20,), 250)
+    one = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=1)
+    many = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=splits)
+    exact = oracle(hidden @ weight.T + bias, labels, 1.3)
+    for a, b, e in zip(one[:2], many[:2], exact, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+        torch.testing.assert_close(b.double(), e, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 10.0])
+def test_fused_linear_logprobs_extremes(backend, temperature):
+    n, hdim, vocab = 9, 24, 90
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = (torch.randn(vocab, hdim) * 2e3).requires_grad_()  # logits of magnitude ~1e4
+    labels = make_labels((n,), vocab, ignored=0.0)
+    logp, ent = alignkit.fused_linear_logprobs(
+        hidden, weight, labels, temperature=temperature, return_entropy=True, backend=backend
+    )
+    check_invariants(logp, ent)
+    lp_exact, ent_exact = oracle(hidden.detach().double() @ weight.detach().double().T, labels, temperature)
+    # logits ~1e4 formed in fp32 carry absolute error ~1e-3 before division by T
+    tol = 2e-2 / temperature
+    assert max_err(logp, lp_exact) <= tol and max_err(ent, ent_exact) <= tol
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def test_fused_linear_logprobs_vocab_of_one_and_all_ignored(backend):
+    hidden = torch.randn(3, 24, requires_grad=True)
+    weight = torch.randn(1, 24, requires_grad=True)
+    logp, ent = alignkit.fused_linear_logprobs(
+        hidden, weight, torch.zeros(3, dtype=torch.long), return_entropy=True, backend=backend
+    )
+    assert (logp == 0).all() and (ent == 0).all()
+    weight2 = torch.randn(20, 24, requires_grad=True)
+    labels = torch.full((3,), IGNORE)
+    logp2 = alignkit.fused_linear_logprobs(hidden, weight2, labels, backend=backend)
+    (logp.sum() + ent.sum() + logp2.sum()).backward()
+    assert (logp2 == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all() and (weight2.grad == 0).all()
+
+
+def test_fused_linear_logprobs_gradcheck_fp64():
+    hidden = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 6, IGNORE, 3, 2, 2])
+
+    def fn(h, w, b):
+        return alignkit.fused_linear_logprobs(
+            h, w, labels, b, temperature=1.7, return_entropy=True, chunk_size=4, backend="cpu"
+        )
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_fused_linear_logprobs_bf16_cpu():
+    hidden = torch.randn(33, 40).bfloat16().requires_grad_()
+    weight = (torch.randn(500, 40) / 3).bfloat16().requires_grad_()
+    labels = make_labels((33,), 500)
+    g_logp, g_ent = torch.randn(33, dtype=torch.float64), torch.randn(33, dtype=torch.float64)
+    fast, (logp, ent) = grads_of(
+        lambda: alignkit.fused_linear_logprobs(hidden, weight, labels, return_entropy=True, backend="cpu"),
+        [hidden, weight], g_logp, g_ent,
+    )  # fmt: skip
+    plain, (lp_plain, ent_plain) = grads_of(
+        lambda: oracle(hidden @ weight.T, labels, dtype=torch.bfloat16), [hidden, weight], g_logp, g_ent
+    )
+    exact = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref, (lp_exact, ent_exact) = grads_of(lambda: oracle(exact[0] @ exact[1].T, labels), exact, g_logp, g_ent)
+    assert_no_worse(logp, lp_plain, lp_exact, 1e-2, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, 1e-2, "entropy")
+    for f, p, e in zip(fast, plain, ref, strict=True):
+        assert f.dtype == torch.bfloat16
+        assert_no_worse(f, p, e, 1e-2, "grad")
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest floating-point tensor (in elements) any torch op produces while active
+    (the Triton interpreter's byte-storage copies of its arguments are uint8 and not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_fused_linear_logprobs_never_forms_the_logits(backend):
+    n, hdim, vocab, chunk = 64, 16, 300, 8
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = torch.randn(vocab, hdim, requires_grad=True)
+    labels = make_labels((n,), vocab)
+    with _LargestAllocation() as probe:
+        logp, ent = alignkit.fused_linear_logprobs(
+            hidden, weight, labels, return_entropy=True, chunk_size=chunk, backend=backend
+        )
+        (logp.sum() + ent.sum()).backward()
+    assert probe.largest <= max(chunk * vocab, vocab * hdim), probe.largest
+    assert probe.largest < n * vocab
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_names_the_argument():
+    h, w, lab = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    f = alignkit.fused_linear_logprobs
+    with pytest.raises(ValueError, match="weight"):
+        f(h, torch.randn(10, 9), lab)
+    with pytest.raises(ValueError, match="labels"):
+        f(h, w, torch.randint(0, 10, (5,)))
+    with pytest.raises(ValueError, match="labels"):
+        f(h, w, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="labels"):
+        f(h, w, torch.tensor([0, 1, -5, 2]))
+    with pytest.raises(TypeError, match="labels"):
+        f(h, w, lab.float())
+    with pytest.raises(TypeError, match="hidden"):
+        f(torch.randint(0, 3, (4, 8)), w, lab)
+    with pytest.raises(TypeError, match="weight"):
+        f(h, w.double(), lab)
+    with pytest.raises(ValueError, match="bias"):
+        f(h, w, lab, bias=torch.randn(11))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            f(h, w, lab, temperature=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        f(h, w, lab, chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        f(h, w, lab, backend="cuda")
+    t = alignkit.token_logprobs
+    with pytest.raises(ValueError, match="labels"):
+        t(torch.randn(4, 10), torch.tensor([0, 10, 1, 2]))
+    with pytest.raises(ValueError, match="labels"):
+        t(torch.randn(4, 10), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="logits"):
+        t(torch.zeros(4, 10, dtype=torch.long), lab)
+    with pytest.raises(ValueError, match="logits"):
+        t(torch.randn(4, 0), lab)
+    with pytest.raises(ValueError, match="temperature"):
+        t(torch.randn(4, 10), lab, temperature=0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        t(torch.randn(4, 10), lab, ignore_index=1.5)
+
+
+def test_unchecked_out_of_range_labels_give_nan(backend):
+    """With the range check off (the CUDA default), a bad label is NaN, never a plausible number."""
+    labels = torch.tensor([0, 12, -3, IGNORE])
+    logp = alignkit.token_logprobs(torch.randn(4, 12), labels, check_labels=False, backend=backend)
+    assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all()
+    logp = alignkit.fused_linear_logprobs(
+        torch.randn(4, 16), torch.randn(12, 16), labels, check_labels=False, backend=backend
+    )
+    assert torch.isnan(logp[1:3]).all() and torch.isfinite(logp[[0, 3]]).all()
+
+
+# ------------------------------------------------------------------ GPU (compiled kernels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64, 1), (257, 200, 50257), (1000, 512, 4099)])
+def test_fused_linear_logprobs_gpu(dtype, shape):
+    n, hdim, vocab = shape
+    hidden = torch.randn(n, hdim, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hdim, device="cuda") / hdim**0.5 * 3).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device="cuda").to(dtype).requires_grad_()
+    labels = make_labels((n,), vocab).cuda()
+    params = [hidden, weight, bias]
+    g_logp, g_ent = (torch.randn(n, dtype=torch.float64, device="cuda") for _ in range(2))
+    fast, (logp, ent) = grads_of(
+        lambda: alignkit.fused_linear_logprobs(hidden, weight, labels, bias, 0.9, return_entropy=True),
+        params, g_logp, g_ent,
+    )  # fmt: skip
+    plain, (lp_plain, ent_plain) = grads_of(
+        lambda: oracle(hidden @ weight.T + bias, labels, 0.9, dtype=dtype), params, g_logp, g_ent
+    )
+    exact = [p.detach().double().requires_grad_() for p in params]
+    ref, (lp_exact, ent_exact) = grads_of(
+        lambda: oracle(exact[0] @ exact[1].T + exact[2], labels, 0.9), exact, g_logp, g_ent
+    )
+    tol_f, tol_g = (1e-5, 5e-4) if dtype == torch.float32 else (1e-2, 1e-2)
+    assert_no_worse(logp, lp_plain, lp_exact, tol_f, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, tol_f, "entropy")
+    for name, f, p, e in zip(["d hidden", "d weight", "d bias"], fast, plain, ref, strict=True):
+        assert_no_worse(f, p, e, tol_g, name)
+    check_invariants(logp, ent)
+
+
+@pytest.mark.gpu
+def test_token_logprobs_gpu_and_opt_in_label_check():
+    logits = torch.randn(300, 50257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = make_labels((300,), 50257).cuda()
+    logp, ent = alignkit.token_logprobs(logits, labels, return_entropy=True)
+    lp_exact, ent_exact = oracle(logits.detach(), labels)
+    assert max_err(logp, lp_exact) <= 1e-3 and max_err(ent, ent_exact) <= 1e-3
+    check_invariants(logp, ent)
+    bad = labels.clone()
+    bad[5] = 50257
+    with pytest.raises(ValueError, match="labels"):
+        alignkit.token_logprobs(logits, bad, check_labels=True)
+    assert torch.isnan(alignkit.token_logprobs(logits, bad)[5])
+
+
+def test_logp_only_path_matches_fp64(backend):
+    """Without return_entropy the CPU path skips the entropy passes; logp and its gradients agree."""
+    hidden = torch.randn(19, 24, requires_grad=True)
+    weight = torch.randn(60, 24, requires_grad=True)
+    labels = make_labels((19,), 60)
+    g = torch.randn(19, dtype=torch.float64)
+    logp = alignkit.fused_linear_logprobs(hidden, weight, labels, temperature=1.5, backend=backend)
+    d_h, d_w = torch.autograd.grad((logp.double() * g).sum(), [hidden, weight])
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    logp2 = alignkit.token_logprobs(logits, labels, temperature=1.5, backend=backend)
+    (d_logits,) = torch.autograd.grad((logp2.double() * g).sum(), [logits])
+    exact = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    lp_exact, _ = oracle(exact[0] @ exact[1].T, labels, 1.5)
+    e_h, e_w = torch.autograd.grad((lp_exact * g).sum(), exact)
+    logits64 = logits.detach().double().requires_grad_()
+    (e_logits,) = torch.autograd.grad((oracle(logits64, labels, 1.5)[0] * g).sum(), [logits64])
+    for got, exp in [(logp, lp_exact), (logp2, lp_exact), (d_h, e_h), (d_w, e_w), (d_logits, e_logits)]:
+        assert max_err(got, exp) <= 1e-5 * max(1.0, exp.abs().max().item())
+
+
+def test_fused_linear_logprobs_half_precision_both_backends(backend):
+    """bf16 through either backend (the interpreter gets fp32 dot operands) vs the fp64 oracle."""
+    hidden = torch.randn(21, 40).bfloat16().requires_grad_()
+    weight = (torch.randn(120, 40) / 3).bfloat16().requires_grad_()
+    bias = torch.randn(120).bfloat16().requires_grad_()
+    labels = make_labels((21,), 120)
+    params = [hidden, weight, bias]
+    g_logp, g_ent = torch.randn(21, dtype=torch.float64), torch.randn(21, dtype=torch.float64)
+    fast, (logp, ent) = grads_of(
+        lambda: alignkit.fused_linear_logprobs(
+            hidden, weight, labels, bias, return_entropy=True, chunk_size=8, backend=backend
+        ),
+        params, g_logp, g_ent,
+    )  # fmt: skip
+    exact = [p.detach().double().requires_grad_() for p in params]
+    ref, (lp_exact, ent_exact) = grads_of(
+        lambda: oracle(exact[0] @ exact[1].T + exact[2], labels), exact, g_logp, g_ent
+    )
+    plain, (lp_plain, ent_plain) = grads_of(
+        lambda: oracle(hidden @ weight.T + bias, labels, dtype=torch.bfloat16), params, g_logp, g_ent
+    )
+    assert_no_worse(logp, lp_plain, lp_exact, 1e-2, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, 1e-2, "entropy")
+    for f, p, e in zip(fast, plain, ref, strict=True):
+        assert f.dtype == torch.bfloat16
+        assert_no_worse(f, p, e, 1e-2, "grad")
+
+
+def test_fp64_on_the_triton_backend_takes_the_exact_path():
+    hidden = torch.randn(5, 8, dtype=torch.float64)
+    weight = torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (5,))
+    got = alignkit.fused_linear_logprobs(hidden, weight, labels, backend="triton")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, oracle(hidden @ weight.T, labels)[0], rtol=0, atol=1e-12)
