@@ -32,6 +32,7 @@ from . import interpreter_active
 # Largest tile a program scans at once; chunks are whole numbers of tiles.
 BLOCK_GPU = 1024
 BLOCK_INTERPRETER = 64  # the interpreter runs custom-combine scans element by element
+MIN_CHUNK_GPU = 256
 
 
 @triton.jit
@@ -276,14 +277,18 @@ def _block() -> int:
     return BLOCK_INTERPRETER if interpreter_active() else BLOCK_GPU
 
 
-def _chunk_size(rows: int, length: int, device: torch.device, block: int) -> int:
-    """Chunk length (a multiple of the tile) giving about 4 programs per SM."""
-    if device.type != "cuda":
-        return max(block, triton.next_power_of_2(max(length, 1)))
+def _split(rows: int, length: int, device: torch.device) -> tuple[int, int]:
+    """(chunk, tile): chunk length per program and the tile it scans at once.
+
+    On CUDA, about 4 programs per SM: long rows are cut into power-of-two chunks of at least
+    MIN_CHUNK_GPU, and a chunk shorter than BLOCK_GPU is scanned as one tile. Elsewhere (the
+    interpreter) one chunk per row in tiles of BLOCK_INTERPRETER."""
+    if device.type != "cuda" or interpreter_active():
+        return max(BLOCK_INTERPRETER, triton.next_power_of_2(max(length, 1))), BLOCK_INTERPRETER
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     chunks_per_row = max(1, -(-target // max(rows, 1)))
-    chunk = triton.next_power_of_2(max(1, -(-length // chunks_per_row)))
-    return max(block, chunk)
+    chunk = max(MIN_CHUNK_GPU, triton.next_power_of_2(max(1, -(-length // chunks_per_row))))
+    return chunk, min(BLOCK_GPU, chunk)
 
 
 def _mask_view(mask: torch.Tensor) -> torch.Tensor:
@@ -291,8 +296,9 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_size):
-    block = _block()
-    chunk = chunk_size or _chunk_size(rows, length, r.device, block)
+    chunk, block = _split(rows, length, r.device)
+    if chunk_size is not None:
+        chunk = chunk_size
     if chunk % block:
         raise ValueError(f"chunk_size must be a multiple of the tile size {block}, got {chunk}")
     n_chunks = max(1, triton.cdiv(length, chunk))
