@@ -10,6 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+
 @numba.njit(cache=True, nogil=True)
 def _gae_row(rewards, values, mask, gamma, lam, adv, ret, row, start, stop):
     # Reverse over t with carries nv (next value) and gae (last advantage); masked positions

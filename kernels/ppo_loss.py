@@ -1,0 +1,448 @@
+"""Triton kernels for the PPO losses: clipped policy loss (+ KL, entropy) and clipped value loss.
+
+Formulas: ../shared/conventions.md ("KL estimators", "Clipped policy loss", "Value loss").
+Layout: every input is a contiguous (B, T) tensor; the grid is (B, cdiv(T, BLOCK_T)), one
+program per tile of one row.
+
+* GSPO (``ratio_level="sequence"``) first runs ``_seq_logratio_kernel`` (reads logp, old_logp and the
+  mask once more) for the per-row mean log-ratio the per-token ratio needs.
+* Forward reads each input once and writes, per (row, tile), the partial sums the host needs for
+  any aggregation mode (the row's token count is one of them, so the per-row normalisers of
+  seq-mean-token-mean are available without another pass). The host sums the tiles, scales rows,
+  and adds rows up: B-sized work.
+* Every aggregation mode is linear in the per-row sums, ``loss = sum_b c_b sum_t m_t L_t``, with
+  ``c_b`` known only once the counts are. So the forward also writes the per-token gradient of the
+  row sum (``is_w dL/dlogp + kl_coef dKL/dlogp``; ``d max(e1, e2)/dv``), one (B, T) buffer when
+  grad is needed, and the backward is one pass scaling it by ``row_weight[b] = grad_output * c_b``
+  (d entropy is ``-entropy_coef * row_weight[b] * m``). Traffic for policy forward + backward with
+  KL and entropy: 6 reads + 1 write, then 2 reads + 2 writes (recomputing would re-read 5 inputs).
+
+Ties are not clipped: a token counts as clipped only when ``L2 > L1`` (resp. ``Lc > L3``) holds
+strictly, the same predicate as the clip-fraction metrics; at a tie the gradient is the unclipped
+one. Masked positions are selected away with ``where`` (never multiplied), so NaN/inf in padding
+cannot leak into the loss or the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_T = 1024
+
+# Columns of the policy forward's per-row statistics.
+# P_BAD_MASK counts mask values other than 0 and 1 (validated for free during the pass).
+P_COUNT, P_LOSS, P_ENTROPY, P_KL, P_CLIP, P_CLIP_LOWER, P_NEG_LOGRATIO, P_BAD_MASK = range(8)
+POLICY_STATS = 8
+# Columns of the value forward's per-row statistics.
+V_COUNT, V_LOSS, V_CLIP, V_BAD_MASK = range(4)
+VALUE_STATS = 4
+
+# kl_estimator codes (canonical names; aliases are resolved by alignkit.ops.losses).
+KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+
+# Series in nested (Horner) form with integer divisors only: every constant is exact in fp32 and
+# fp64 alike (a literal such as 1/14! would be rounded to fp32 before meeting an fp64 tensor).
+
+
+@triton.jit
+def _expm1(x):
+    # exp(x) - 1 without cancellation: x (1 + x/2 (1 + x/3 (... (1 + x/13)))) for |x| < 0.5, else direct.
+    p = 1.0 + x / 13
+    p = 1.0 + x * p / 12
+    p = 1.0 + x * p / 11
+    p = 1.0 + x * p / 10
+    p = 1.0 + x * p / 9
+    p = 1.0 + x * p / 8
+    p = 1.0 + x * p / 7
+    p = 1.0 + x * p / 6
+    p = 1.0 + x * p / 5
+    p = 1.0 + x * p / 4
+    p = 1.0 + x * p / 3
+    p = 1.0 + x * p / 2
+    return tl.where(tl.abs(x) < 0.5, x * p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _exp_minus_1_minus_x(x):
+    # exp(x) - 1 - x without cancellation: x^2/2 (1 + x/3 (1 + x/4 (... (1 + x/16)))) for |x| < 1.
+    p = 1.0 + x / 16
+    p = 1.0 + x * p / 15
+    p = 1.0 + x * p / 14
+    p = 1.0 + x * p / 13
+    p = 1.0 + x * p / 12
+    p = 1.0 + x * p / 11
+    p = 1.0 + x * p / 10
+    p = 1.0 + x * p / 9
+    p = 1.0 + x * p / 8
+    p = 1.0 + x * p / 7
+    p = 1.0 + x * p / 6
+    p = 1.0 + x * p / 5
+    p = 1.0 + x * p / 4
+    p = 1.0 + x * p / 3
+    return tl.where(tl.abs(x) < 1.0, 0.5 * x * x * p, tl.exp(x) - 1.0 - x)
+
+
+@triton.jit
+def _kl_value_and_grad(d, KL_EST: tl.constexpr):
+    # d = logp - ref_logp. k1: d; abs: |d|; k2: d^2 / 2;
+    # k3: x = clamp(-d, -20, 20), clamp(exp(x) - x - 1, -10, 10), d/dd = -(exp(x) - 1) inside
+    # both clamps (torch.clamp passes the gradient at equality).
+    if KL_EST == 0:
+        kl = d
+        dkl = tl.full(d.shape, 1.0, d.dtype)
+    elif KL_EST == 1:
+        kl = tl.abs(d)
+        dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
+    elif KL_EST == 2:
+        kl = 0.5 * d * d
+        dkl = d
+    else:
+        x = tl.minimum(tl.maximum(-d, -20.0), 20.0)
+        y = _exp_minus_1_minus_x(x)
+        kl = tl.minimum(tl.maximum(y, -10.0), 10.0)
+        inside = (-d >= -20.0) & (-d <= 20.0) & (y <= 10.0)
+        dkl = tl.where(inside, -_expm1(x), 0.0).to(d.dtype)
+    return kl, dkl
+
+
+@triton.jit
+def _policy_token(
+    logp,
+    old,
+    adv,
+    seq_lr,
+    lo,
+    hi,
+    dual,
+    HAS_DUAL: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
+):
+    # lr = clamp(logp - old, -20, 20); ratio = exp(lr)  (GSPO: exp(min(s_row, 10)))
+    # L1 = -A ratio; L2 = -A clamp(ratio, 1 - clip_low, 1 + clip_high); Lc = max(L1, L2)
+    # dual clip (token level only): L = Lc, or L3 = -A dual_clip where A < 0 and Lc > L3.
+    # Returns the loss, the clip predicates, -lr, and d L / d logp (before IS weights).
+    diff = logp - old
+    lr = tl.minimum(tl.maximum(diff, -20.0), 20.0)
+    if SEQ_RATIO:
+        ratio = tl.exp(tl.minimum(seq_lr, 10.0)) + tl.zeros_like(logp)
+        dratio = tl.where(seq_lr <= 10.0, ratio, 0.0)
+    else:
+        ratio = tl.exp(lr)
+        dratio = tl.where((diff >= -20.0) & (diff <= 20.0), ratio, 0.0)
+    l1 = -adv * ratio
+    l2 = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+    clipped = l2 > l1
+    loss = tl.where(clipped, l2, l1)
+    if HAS_DUAL:
+        l3 = -adv * dual
+        lower = (adv < 0) & (loss > l3)
+        loss = tl.where(lower, l3, loss)
+        dloss = tl.where(clipped | lower, 0.0, -adv * dratio)
+    else:
+        lower = tl.zeros(logp.shape, tl.int1)
+        dloss = tl.where(clipped, 0.0, -adv * dratio)
+    return loss, clipped, lower, -lr, dloss
+
+
+@triton.jit
+def _seq_logratio_kernel(
+    logp_ptr,
+    old_ptr,
+    mask_ptr,
+    partial_ptr,  # (B, T) x3; (B, NT, 2)
+    T,
+    NT,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # GSPO pre-pass: per tile, sum_t m clamp(logp - old, -20, 20) and sum_t m.
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs_t < T
+    base = row * T
+    m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
+    active = in_row & (m != 0)
+    logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    lr = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
+    out = partial_ptr + (row * NT + tile) * 2
+    tl.store(out, tl.sum(tl.where(active, lr, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(active, 1.0, 0.0).to(DTYPE), axis=0))
+
+
+@triton.jit
+def _ppo_policy_fwd_kernel(
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    mask_ptr,  # (B, T)
+    isw_ptr,
+    ref_ptr,
+    ent_ptr,  # (B, T) each, read only when HAS_IS / HAS_REF / HAS_ENT
+    seq_lr_ptr,  # (B,) GSPO sequence log-ratio, read only when SEQ_RATIO
+    params_ptr,  # (4,) [1 - clip_low, 1 + clip_high, dual_clip, kl_coef] in DTYPE
+    partial_ptr,  # (B, NT, POLICY_STATS)
+    grad_ptr,  # (B, T) out, written when WRITE_GRAD: is_w dL/dlogp + kl_coef dKL/dlogp (0 where masked)
+    T,
+    NT,
+    HAS_IS: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
+    KL_EST: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs_t < T
+    base = row * T
+    m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
+    active = in_row & (m != 0)
+    logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    adv = tl.load(adv_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    lo = tl.load(params_ptr)
+    hi = tl.load(params_ptr + 1)
+    dual = tl.load(params_ptr + 2)
+    kl_coef = tl.load(params_ptr + 3)
+    seq_lr = 0.0
+    if SEQ_RATIO:
+        seq_lr = tl.load(seq_lr_ptr + row).to(DTYPE)
+    loss, clipped, lower, neg_lr, grad = _policy_token(
+        logp, old, adv, seq_lr, lo, hi, dual, HAS_DUAL, SEQ_RATIO
+    )
+    if HAS_IS:
+        isw = tl.load(isw_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+        loss = loss * isw
+        grad = grad * isw
+    zero = tl.zeros([BLOCK_T], DTYPE)
+    one = zero + 1.0
+    out = partial_ptr + (row * NT + tile) * 8
+    tl.store(out + 0, tl.sum(tl.where(active, one, zero), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(active, loss, zero), axis=0))
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+        tl.store(out + 2, tl.sum(tl.where(active, ent, zero), axis=0))
+    else:
+        tl.store(out + 2, tl.sum(zero, axis=0))
+    if HAS_REF:
+        ref = tl.load(ref_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+        kl, dkl = _kl_value_and_grad(logp - ref, KL_EST)
+        tl.store(out + 3, tl.sum(tl.where(active, kl, zero), axis=0))
+        grad = grad + kl_coef * dkl
+    else:
+        tl.store(out + 3, tl.sum(zero, axis=0))
+    tl.store(out + 4, tl.sum(tl.where(active & clipped, one, zero), axis=0))
+    tl.store(out + 5, tl.sum(tl.where(active & lower, one, zero), axis=0))
+    tl.store(out + 6, tl.sum(tl.where(active, neg_lr, zero), axis=0))
+    tl.store(out + 7, tl.sum(tl.where(active & (m != 1.0), one, zero), axis=0))
+    if WRITE_GRAD:
+        tl.store(grad_ptr + base + offs_t, tl.where(active, grad, zero), mask=in_row)
+
+
+@triton.jit
+def _scale_rows_bwd_kernel(
+    grad_ptr,  # (B, T) per-token gradient of the row sums (0 where masked)
+    mask_ptr,  # (B, T), read only when HAS_ENT
+    row_weight_ptr,  # (B,) grad_output * d loss / d row sum
+    dx_ptr,
+    dent_ptr,  # (B, T) outputs (dent only when HAS_ENT)
+    params_ptr,  # (1,) [entropy_coef] in DTYPE (a float argument would be rounded to fp32)
+    T,
+    HAS_ENT: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # d x = w_b g;  d H = -entropy_coef w_b m.
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs_t < T
+    base = row * T
+    w = tl.load(row_weight_ptr + row).to(DTYPE)
+    g = tl.load(grad_ptr + base + offs_t, mask=in_row, other=0.0).to(DTYPE)
+    tl.store(dx_ptr + base + offs_t, w * g, mask=in_row)
+    if HAS_ENT:
+        m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
+        ent_coef = tl.load(params_ptr)
+        dent = tl.where(m != 0, -ent_coef * w, 0.0).to(DTYPE)
+        tl.store(dent_ptr + base + offs_t, dent, mask=in_row)
+
+
+@triton.jit
+def _value_fwd_kernel(
+    v_ptr,
+    old_ptr,
+    ret_ptr,
+    mask_ptr,  # (B, T)
+    params_ptr,  # (1,) [clip]
+    partial_ptr,  # (B, NT, VALUE_STATS)
+    grad_ptr,  # (B, T) out when WRITE_GRAD: d max(e1, e2) / dv (0 where masked)
+    T,
+    NT,
+    WRITE_GRAD: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # vclip = old + clamp(v - old, -clip, clip); per token max(e1, e2), e1 = (v - R)^2,
+    # e2 = (vclip - R)^2. Gradient: 2 (v - R) where unclipped; 0 where clipped (e2 > e1 means
+    # |v - old| > clip, where the clamp passes no gradient).
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = offs_t < T
+    base = row * T
+    m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
+    active = in_row & (m != 0)
+    v = tl.load(v_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    ret = tl.load(ret_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
+    clip = tl.load(params_ptr)
+    vclip = old + tl.minimum(tl.maximum(v - old, -clip), clip)
+    e1 = (v - ret) * (v - ret)
+    e2 = (vclip - ret) * (vclip - ret)
+    clipped = e2 > e1
+    loss = tl.where(clipped, e2, e1)
+    zero = tl.zeros([BLOCK_T], DTYPE)
+    one = zero + 1.0
+    out = partial_ptr + (row * NT + tile) * 4
+    tl.store(out + 0, tl.sum(tl.where(active, one, zero), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(active, loss, zero), axis=0))
+    tl.store(out + 2, tl.sum(tl.where(active & clipped, one, zero), axis=0))
+    tl.store(out + 3, tl.sum(tl.where(active & (m != 1.0), one, zero), axis=0))
+    if WRITE_GRAD:
+        grad = tl.where(active & (e2 <= e1), 2.0 * (v - ret), zero)
+        tl.store(grad_ptr + base + offs_t, grad, mask=in_row)
+
+
+# ----------------------------------------------------------------------------- host launchers
+
+
+def _triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _tiles(T: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T)
+    return block, triton.cdiv(max(T, 1), block)
+
+
+def _mask_view(mask: torch.Tensor) -> torch.Tensor:
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _check_rows(*tensors: torch.Tensor) -> None:
+    # Internal invariants (the public ops validate user input before calling the launchers).
+    shape = tensors[0].shape
+    assert tensors[0].dim() == 2, shape
+    for t in tensors:
+        assert t.shape == shape and t.is_contiguous(), (t.shape, shape)
+
+
+def _params(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def seq_logratio(logp, old_logp, mask, dtype: torch.dtype) -> torch.Tensor:
+    """GSPO's per-row ``s = sum_t(m lr) / max(sum_t m, 1)``: (B,) in ``dtype``."""
+    _check_rows(logp, old_logp, mask)
+    B, T = logp.shape
+    block, nt = _tiles(T)
+    partial = torch.empty((B, nt, 2), dtype=dtype, device=logp.device)
+    _seq_logratio_kernel[(B, nt)](
+        logp, old_logp, _mask_view(mask), partial, T, nt, DTYPE=_triton_dtype(dtype), BLOCK_T=block
+    )
+    sums = partial.sum(1)
+    return sums[:, 0] / sums[:, 1].clamp(min=1.0)
+
+
+def policy_fwd(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    is_weights,
+    ref_logp,
+    entropy,
+    seq_lr,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_code: int,
+    kl_coef: float,
+    write_grad: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row statistics (B, POLICY_STATS) in ``dtype`` (columns P_COUNT ... P_BAD_MASK) and, when
+    ``write_grad``, the per-token gradient of the row sums w.r.t. logp, (B, T) in ``dtype``."""
+    optional = [t for t in (is_weights, ref_logp, entropy) if t is not None]
+    _check_rows(logp, old_logp, advantages, mask, *optional)
+    B, T = logp.shape
+    block, nt = _tiles(T)
+    params = _params([1.0 - clip_low, 1.0 + clip_high, dual_clip or 0.0, kl_coef], dtype, logp.device)
+    partial = torch.empty((B, nt, POLICY_STATS), dtype=dtype, device=logp.device)
+    grad = torch.empty((B, T), dtype=dtype, device=logp.device) if write_grad else None
+    _ppo_policy_fwd_kernel[(B, nt)](
+        logp, old_logp, advantages, _mask_view(mask),
+        is_weights if is_weights is not None else logp,
+        ref_logp if ref_logp is not None else logp,
+        entropy if entropy is not None else logp,
+        seq_lr if seq_lr is not None else params,
+        params, partial, grad if grad is not None else partial, T, nt,
+        HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
+        HAS_DUAL=dual_clip is not None, SEQ_RATIO=seq_lr is not None, KL_EST=kl_code,
+        WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+    )  # fmt: skip
+    return partial.sum(1), grad
+
+
+def scale_rows_bwd(
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    row_weight: torch.Tensor,
+    out_dtype: torch.dtype,
+    entropy_coef: float = 0.0,
+    entropy_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(row_weight[:, None] * grad`` in ``out_dtype``, ``-entropy_coef * row_weight * m`` in
+    ``entropy_dtype`` or None)``: the backward of both losses."""
+    assert entropy_dtype is None or mask is not None
+    _check_rows(grad, *(() if mask is None else (mask,)))
+    B, T = grad.shape
+    block, nt = _tiles(T)
+    dx = torch.empty((B, T), dtype=out_dtype, device=grad.device)
+    dent = None if entropy_dtype is None else torch.empty((B, T), dtype=entropy_dtype, device=grad.device)
+    _scale_rows_bwd_kernel[(B, nt)](
+        grad, grad if mask is None else _mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
+        dent if dent is not None else dx,
+        _params([entropy_coef], grad.dtype, grad.device), T,
+        HAS_ENT=dent is not None, DTYPE=_triton_dtype(grad.dtype), BLOCK_T=block,
+    )  # fmt: skip
+    return dx, dent
+
+
+def value_fwd(
+    values, old_values, returns, mask, clip: float, write_grad: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row statistics (B, VALUE_STATS) in ``dtype`` (token count, sum of the max'd squared error,
+    clipped-token count, count of mask values other than 0 and 1) and, when ``write_grad``, the
+    per-token gradient of the row sums w.r.t. values, (B, T) in ``dtype``."""
+    _check_rows(values, old_values, returns, mask)
+    B, T = values.shape
+    block, nt = _tiles(T)
+    params = _params([clip], dtype, values.device)
+    partial = torch.empty((B, nt, VALUE_STATS), dtype=dtype, device=values.device)
+    grad = torch.empty((B, T), dtype=dtype, device=values.device) if write_grad else None
+    _value_fwd_kernel[(B, nt)](
+        values, old_values, returns, _mask_view(mask), params, partial, grad if grad is not None else partial,
+        T, nt, WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+    )  # fmt: skip
+    return partial.sum(1), grad

@@ -1,0 +1,702 @@
+"""PPO losses (alignkit.ppo_policy_loss, value_loss, kl_penalty, agg_loss) against a float64 oracle.
+
+The oracle is the formulas of ../shared/conventions.md written plainly in float64 torch; gradients
+are autograd through it. Ties use strict comparisons (``torch.where(L2 > L1, L2, L1)``), the
+convention alignkit documents (a tie is not clipped), so autograd of the oracle is the exact
+reference at clip boundaries too. Every option runs on the CPU backend; the Triton kernels (under
+the interpreter without CUDA) run a representative subset that covers every option value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import alignkit
+from alignkit import agg_loss, kl_penalty, ppo_policy_loss, value_loss
+
+AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KL_NAMES = ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
+
+# ----------------------------------------------------------------------------- float64 oracle
+
+
+def ref_kl(logp, ref, estimator):
+    d = logp - ref
+    if estimator in ("k1", "kl"):
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator in ("k2", "mse"):
+        return 0.5 * d * d
+    x = (-d).clamp(-20, 20)
+    return (x.exp() - x - 1).clamp(-10, 10)
+
+
+def ref_agg(L, m, mode, scale=None):
+    m = m.double()
+    rows = (L * m).sum(-1)
+    counts = m.sum(-1)
+    if mode == "token-mean":
+        return rows.sum() / (counts.sum() if scale is None else scale)
+    keep = counts > 0
+    n = keep.sum()
+    if mode == "seq-mean-token-sum":
+        return rows[keep].sum() / n
+    if mode == "seq-mean-token-mean":
+        return (rows / (counts + 1e-8))[keep].sum() / n
+    return rows[keep].sum() / n / (L.shape[1] if scale is None else scale)
+
+
+def ref_policy(
+    logp,
+    old,
+    adv,
+    m,
+    *,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=3.0,
+    agg="token-mean",
+    agg_scale=None,
+    ratio_level="token",
+    is_weights=None,
+    ref_logp=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    entropy=None,
+    entropy_coef=0.0,
+):
+    """(total, metrics, magnitude): magnitude bounds the summands, for an absolute tolerance."""
+    mf = m.double()
+    lr = (logp - old).clamp(-20, 20)
+    if ratio_level == "token":
+        ratio = lr.exp()
+    else:
+        s = (lr * mf).sum(-1) / mf.sum(-1).clamp(min=1)
+        ratio = (logp - logp.detach() + s.detach()[:, None]).clamp(max=10).exp()
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.where(l2 > l1, l2, l1)
+    lower = torch.zeros_like(mf, dtype=torch.bool)
+    if dual_clip is not None and ratio_level == "token":
+        l3 = -adv * dual_clip
+        lower = (adv < 0) & (loss > l3)
+        loss = torch.where(lower, l3, loss)
+    if is_weights is not None:
+        loss = loss * is_weights
+    pg = ref_agg(loss, m, agg, agg_scale)
+    total = pg
+    magnitude = ref_agg(loss.detach().abs(), m, agg, agg_scale)
+    tokens = mf.sum()
+    metrics = {
+        "pg_loss": pg,
+        "pg_clipfrac": ((l2 > l1).double() * mf).sum() / tokens,
+        "pg_clipfrac_lower": (lower.double() * mf).sum() / tokens,
+        "ppo_kl": (-lr * mf).sum() / tokens,
+    }
+    if entropy is not None:
+        ent = ref_agg(entropy, m, agg, agg_scale)
+        total = total - entropy_coef * ent
+        magnitude = magnitude + abs(entropy_coef) * ref_agg(entropy.detach().abs(), m, agg, agg_scale)
+        metrics["entropy"] = ent
+    if ref_logp is not None:
+        kl_mat = ref_kl(logp, ref_logp, kl_estimator)
+        kl = ref_agg(kl_mat, m, agg, agg_scale)
+        total = total + kl_coef * kl
+        magnitude = magnitude + abs(kl_coef) * ref_agg(kl_mat.detach().abs(), m, agg, agg_scale)
+        metrics["kl"] = kl
+    return total, metrics, magnitude
+
+
+def ref_value(v, old, ret, m, clip=0.5, agg="token-mean", agg_scale=None):
+    vclip = old + (v - old).clamp(-clip, clip)
+    e1 = (v - ret) ** 2
+    e2 = (vclip - ret) ** 2
+    loss = 0.5 * ref_agg(torch.where(e2 > e1, e2, e1), m, agg, agg_scale)
+    clipfrac = ((e2 > e1).double() * m.double()).sum() / m.double().sum()
+    return loss, clipfrac
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_policy_inputs(B=4, T=48, dtype=torch.float32, spread=0.7, empty_row=True):
+    logp = -3 * torch.rand(B, T)
+    inputs = {
+        "logp": logp,
+        "old_logp": logp + spread * torch.randn(B, T),
+        "advantages": torch.randn(B, T),
+        "mask": torch.rand(B, T) > 0.25,
+        "is_weights": 2 * torch.rand(B, T),
+        "ref_logp": logp + 0.5 * torch.randn(B, T),
+        "entropy": 2 * torch.rand(B, T),
+    }
+    if empty_row and B > 1:
+        inputs["mask"][1] = False
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def assert_close(actual, expected, rtol=1e-6, scale=None, name=""):
+    """|a - e| <= rtol |e| + rtol * scale (scale: the magnitude of the summands, default max |e|)."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), name
+    if scale is None:
+        scale = expected.abs().max() if expected.numel() else 0.0
+    atol = rtol * float(scale) + 1e-30
+    err = (actual - expected).abs()
+    bound = rtol * expected.abs() + atol
+    assert (err <= bound).all(), f"{name}: max err {float(err.max()):.3e}, bound {float(bound.max()):.3e}"
+
+
+def run_policy(inputs, backend, opts, extras=("is_weights", "ref_logp", "entropy"), rtol=1e-6):
+    """Run alignkit and the oracle on the same inputs; compare loss, metrics and gradients."""
+    logp = inputs["logp"].clone().requires_grad_()
+    entropy = inputs["entropy"].clone().requires_grad_() if "entropy" in extras else None
+    kwargs = dict(opts)
+    for name in ("is_weights", "ref_logp"):
+        if name in extras:
+            kwargs[name] = inputs[name]
+    loss, metrics = ppo_policy_loss(
+        logp,
+        inputs["old_logp"],
+        inputs["advantages"],
+        inputs["mask"],
+        entropy=entropy,
+        backend=backend,
+        **kwargs,
+    )
+    grads = torch.autograd.grad(loss, [logp] + ([entropy] if entropy is not None else []))
+
+    d = {k: v.double() for k, v in inputs.items() if v.is_floating_point()}
+    logp64 = d["logp"].clone().requires_grad_()
+    ent64 = d["entropy"].clone().requires_grad_() if entropy is not None else None
+    kw64 = dict(opts)
+    for name in ("is_weights", "ref_logp"):
+        if name in extras:
+            kw64[name] = d[name]
+    total, ref_metrics, magnitude = ref_policy(
+        logp64, d["old_logp"], d["advantages"], inputs["mask"], entropy=ent64, **kw64
+    )
+    ref_grads = torch.autograd.grad(total, [logp64] + ([ent64] if ent64 is not None else []))
+
+    assert loss.dim() == 0 and loss.requires_grad
+    assert_close(loss, total, rtol, scale=magnitude, name="loss")
+    assert set(metrics) == set(ref_metrics)
+    for key, value in metrics.items():
+        assert isinstance(value, torch.Tensor) and not value.requires_grad, key
+        assert_close(value, ref_metrics[key], rtol, scale=max(float(magnitude), 1e-3), name=key)
+    for g, rg, name in zip(grads, ref_grads, ("d logp", "d entropy"), strict=False):
+        assert g.dtype == inputs["logp"].dtype
+        assert_close(g, rg, rtol if g.dtype in (torch.float32, torch.float64) else 1e-2, name=name)
+        assert (g[~inputs["mask"]] == 0).all(), f"{name} nonzero on masked positions"
+    return loss, metrics, grads
+
+
+CLIPS = [(0.2, 0.2), (0.2, 0.28)]
+DUALS = [3.0, None]
+AGGS = [
+    ("token-mean", None),
+    ("token-mean", 100.0),
+    ("seq-mean-token-sum", None),
+    ("seq-mean-token-mean", None),
+    ("seq-mean-token-sum-norm", None),
+    ("seq-mean-token-sum-norm", 37.0),
+]
+# (kl_estimator or None, kl_coef, with entropy): every estimator and alias, entropy on and off.
+EXTRAS = [
+    (None, 0.0, False),
+    ("k1", 0.1, True),
+    ("abs", 0.2, False),
+    ("k2", 0.1, True),
+    ("k3", 0.3, True),
+    ("low_var_kl", 0.1, False),
+    ("mse", 0.0, True),
+]
+
+
+def policy_opts(clip, dual, agg, ratio_level, kl, ent):
+    opts = {
+        "clip_low": clip[0],
+        "clip_high": clip[1],
+        "dual_clip": dual,
+        "agg": agg[0],
+        "agg_scale": agg[1],
+        "ratio_level": ratio_level,
+    }
+    extras = []
+    if kl[0] is not None:
+        opts.update(kl_estimator=kl[0], kl_coef=kl[1])
+        extras.append("ref_logp")
+    if kl[2]:
+        opts["entropy_coef"] = 0.01
+        extras.append("entropy")
+    return opts, extras
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+
+@pytest.mark.parametrize("kl", EXTRAS, ids=lambda e: f"{e[0]}-ent{int(e[2])}")
+@pytest.mark.parametrize("is_weights", [False, True], ids=["noIS", "IS"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("agg", AGGS, ids=lambda a: f"{a[0]}-{a[1]}")
+@pytest.mark.parametrize("dual", DUALS, ids=["dual3", "nodual"])
+@pytest.mark.parametrize("clip", CLIPS, ids=["sym", "asym"])
+def test_policy_loss_all_options_cpu(clip, dual, agg, ratio_level, is_weights, kl):
+    opts, extras = policy_opts(clip, dual, agg, ratio_level, kl, kl[2])
+    if is_weights:
+        extras.append("is_weights")
+    run_policy(make_policy_inputs(B=5, T=37), "cpu", opts, extras)
+
+
+# Every option value at least once, under the Triton interpreter (slow: a subset).
+TRITON_CASES = [
+    (CLIPS[0], 3.0, AGGS[0], "token", False, EXTRAS[0]),
+    (CLIPS[1], 3.0, AGGS[2], "token", True, EXTRAS[1]),
+    (CLIPS[0], None, AGGS[3], "token", True, EXTRAS[2]),
+    (CLIPS[1], 3.0, AGGS[4], "sequence", True, EXTRAS[3]),
+    (CLIPS[0], 3.0, AGGS[1], "token", False, EXTRAS[4]),
+    (CLIPS[1], None, AGGS[5], "sequence", False, EXTRAS[5]),
+    (CLIPS[0], 3.0, AGGS[3], "sequence", True, EXTRAS[6]),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[2][0]}-{c[3]}-{c[5][0]}")
+def test_policy_loss_options_triton(case):
+    clip, dual, agg, ratio_level, is_weights, kl = case
+    opts, extras = policy_opts(clip, dual, agg, ratio_level, kl, kl[2])
+    if is_weights:
+        extras.append("is_weights")
+    run_policy(make_policy_inputs(B=4, T=45), "triton", opts, extras)
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_policy_loss_multi_tile_triton(monkeypatch, ratio_level):
+    from alignkit.kernels import ppo_loss as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK_T", 16)  # 3 tiles per row: partial sums across tiles
+    opts = {"agg": "seq-mean-token-mean", "ratio_level": ratio_level, "kl_coef": 0.1, "entropy_coef": 0.01}
+    run_policy(make_policy_inputs(B=3, T=40), "triton", opts, ("ref_logp", "entropy", "is_weights"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_policy_loss_dtypes(backend, dtype):
+    inputs = make_policy_inputs(B=3, T=33, dtype=dtype)
+    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01}
+    loss, metrics, _ = run_policy(inputs, backend, opts, rtol=1e-12 if dtype == torch.float64 else 1e-6)
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected and all(v.dtype == expected for v in metrics.values())
+
+
+def test_non_contiguous_inputs(backend):
+    wide = make_policy_inputs(B=3, T=40)
+    inputs = {k: v[:, ::2] for k, v in wide.items()}  # strided views
+    assert not inputs["logp"].is_contiguous()
+    run_policy(inputs, backend, {"agg": "seq-mean-token-sum", "kl_coef": 0.1, "entropy_coef": 0.01})
+
+
+def test_backends_agree_at_larger_shape():
+    inputs = make_policy_inputs(B=8, T=64)
+    opts = {"agg": "token-mean", "kl_coef": 0.05, "entropy_coef": 0.001}
+    cpu = run_policy(inputs, "cpu", opts)
+    tri = run_policy(inputs, "triton", opts)
+    assert_close(tri[0], cpu[0], 1e-6, name="loss")
+    assert_close(tri[2][0], cpu[2][0], 1e-6, name="d logp")
+
+
+def test_cpu_parallel_kernels_match_oracle(monkeypatch):
+    # The numba prange variants run only past PARALLEL_MIN_ELEMENTS; force them on a small batch.
+    from alignkit.cpu import losses as cpu_losses
+
+    monkeypatch.setattr(cpu_losses, "PARALLEL_MIN_ELEMENTS", 0)
+    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01}
+    run_policy(make_policy_inputs(B=5, T=33), "cpu", opts)
+    check_value_loss("cpu", 0.2, AGGS[3])
+
+
+# ----------------------------------------------------------------------------- policy edge cases
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_fully_masked_rows_are_excluded(backend, agg):
+    inputs = make_policy_inputs(B=4, T=24)
+    inputs["mask"][1] = False
+    inputs["mask"][3] = False
+    opts = {"agg": agg, "kl_coef": 0.1, "entropy_coef": 0.01}
+    kw = {"ref_logp": inputs["ref_logp"], "entropy": inputs["entropy"]}
+    full, _ = ppo_policy_loss(
+        inputs["logp"],
+        inputs["old_logp"],
+        inputs["advantages"],
+        inputs["mask"],
+        backend=backend,
+        **opts,
+        **kw,
+    )
+    keep = [0, 2]
+    sub = {k: v[keep] for k, v in inputs.items()}
+    part, _ = ppo_policy_loss(
+        sub["logp"],
+        sub["old_logp"],
+        sub["advantages"],
+        sub["mask"],
+        backend=backend,
+        **opts,
+        ref_logp=sub["ref_logp"],
+        entropy=sub["entropy"],
+    )
+    if agg == "seq-mean-token-sum-norm":
+        part = part * sub["mask"].shape[1] / inputs["mask"].shape[1]  # same T: scale identical
+    assert_close(full, part, 1e-6, name="loss")
+    run_policy(inputs, backend, opts)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_all_masked_batch_gives_zero(backend, agg):
+    inputs = make_policy_inputs(B=3, T=16)
+    inputs["mask"][:] = False
+    logp = inputs["logp"].clone().requires_grad_()
+    ent = inputs["entropy"].clone().requires_grad_()
+    loss, metrics = ppo_policy_loss(
+        logp,
+        inputs["old_logp"],
+        inputs["advantages"],
+        inputs["mask"],
+        agg=agg,
+        ref_logp=inputs["ref_logp"],
+        kl_coef=0.1,
+        entropy=ent,
+        entropy_coef=0.1,
+        backend=backend,
+    )
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and all(float(v) == 0.0 for v in metrics.values())
+    assert (logp.grad == 0).all() and (ent.grad == 0).all()
+
+
+def test_zero_advantages(backend):
+    inputs = make_policy_inputs(B=3, T=20)
+    inputs["advantages"].zero_()
+    loss, metrics, grads = run_policy(inputs, backend, {}, extras=())
+    assert float(loss.detach()) == 0.0 and float(metrics["pg_clipfrac"]) == 0.0
+    assert (grads[0] == 0).all()
+
+
+@pytest.mark.parametrize("clip", [(0.0, 0.0), (0.0, 0.2), (0.2, 0.0)])
+def test_ratio_exactly_at_clip_boundary(backend, clip):
+    # ratio == 1 exactly (logp == old_logp) sits on every zero-width clip bound: L1 == L2, a tie,
+    # which is not clipped: the gradient is the unclipped -A * w.
+    inputs = make_policy_inputs(B=3, T=20)
+    inputs["old_logp"] = inputs["logp"].clone()
+    _, metrics, grads = run_policy(inputs, backend, {"clip_low": clip[0], "clip_high": clip[1]}, extras=())
+    m = inputs["mask"]
+    assert float(metrics["pg_clipfrac"]) == 0.0
+    expected = torch.where(m, -inputs["advantages"] / m.sum(), torch.zeros(()))
+    assert_close(grads[0], expected, 1e-6, name="d logp")
+
+
+@pytest.mark.parametrize("dual", [3.0, None])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_log_ratio_beyond_20(backend, dual, ratio_level):
+    inputs = make_policy_inputs(B=4, T=16)
+    offsets = torch.tensor([30.0, -30.0, 20.0, -20.0, 25.0, -45.0, 0.5, 19.0])
+    inputs["logp"] = -torch.randint(0, 8, (4, 16)).float() / 8  # logp - offset is exact in fp32
+    inputs["old_logp"] = inputs["logp"] - offsets.repeat(8)[:16].expand(4, 16)
+    inputs["mask"][:, :8] = True
+    opts = {"dual_clip": dual, "ratio_level": ratio_level, "kl_coef": 0.1}
+    loss, metrics, _ = run_policy(inputs, backend, opts, extras=("ref_logp",))
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_kl_estimator_clamps_inside_policy_loss(backend, estimator):
+    # d = logp - ref beyond +-20 (k3's inner clamp) and k3 values above 10 (its outer clamp): no gradient.
+    inputs = make_policy_inputs(B=2, T=16, empty_row=False)
+    offsets = torch.tensor(
+        [-30.0, -25.0, -5.0, -3.0, -1.0, 0.0, 0.5, 2.0, 3.0, 5.0, 21.0, 30.0, -0.25, 0.25, 8, -8]
+    )
+    inputs["logp"] = -torch.randint(0, 8, (2, 16)).float() / 8
+    inputs["ref_logp"] = inputs["logp"] - offsets
+    inputs["advantages"].zero_()  # isolate the KL term
+    _, _, grads = run_policy(
+        inputs, backend, {"kl_coef": 0.5, "kl_estimator": estimator}, extras=("ref_logp",)
+    )
+    if estimator == "k3":
+        m = inputs["mask"]
+        assert (grads[0][:, :4][m[:, :4]] == 0).all() and (grads[0][:, 10:12][m[:, 10:12]] == 0).all()
+
+
+def test_gspo_sequence_ratio_clamped_at_10(backend):
+    inputs = make_policy_inputs(B=2, T=16, empty_row=False)
+    inputs["old_logp"] = inputs["logp"] - 12.0  # s = 12 > 10: ratio e^10, no gradient through it
+    inputs["advantages"] = -inputs["advantages"].abs()  # A < 0: the unclipped branch is active
+    _, _, grads = run_policy(inputs, backend, {"ratio_level": "sequence", "clip_high": 1e6}, extras=())
+    assert (grads[0] == 0).all()
+
+
+def test_nan_in_masked_positions_does_not_leak(backend):
+    clean = make_policy_inputs(B=3, T=16)
+    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.1}
+    results = []
+    for fill in (None, float("nan"), float("inf")):
+        inputs = dict(clean)
+        if fill is not None:
+            for key in ("logp", "old_logp", "advantages", "ref_logp", "entropy", "is_weights"):
+                inputs[key] = clean[key].masked_fill(~clean["mask"], fill)
+        logp = inputs["logp"].clone().requires_grad_()
+        ent = inputs["entropy"].clone().requires_grad_()
+        loss, metrics = ppo_policy_loss(
+            logp,
+            inputs["old_logp"],
+            inputs["advantages"],
+            inputs["mask"],
+            **opts,
+            is_weights=inputs["is_weights"],
+            ref_logp=inputs["ref_logp"],
+            entropy=ent,
+            backend=backend,
+        )
+        loss.backward()
+        results.append((loss.detach(), torch.stack(list(metrics.values())), logp.grad, ent.grad))
+    for poisoned in results[1:]:
+        for a, b in zip(poisoned, results[0], strict=True):
+            assert torch.equal(a, b)
+    run_policy(clean, backend, opts)
+
+
+def test_gradients_reach_logp_and_entropy_only():
+    inputs = make_policy_inputs(B=2, T=8, empty_row=False)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v.is_floating_point()}
+    loss, metrics = ppo_policy_loss(
+        leaves["logp"],
+        leaves["old_logp"],
+        leaves["advantages"],
+        inputs["mask"],
+        is_weights=leaves["is_weights"],
+        ref_logp=leaves["ref_logp"],
+        kl_coef=0.1,
+        entropy=leaves["entropy"],
+        entropy_coef=0.1,
+    )
+    loss.backward()
+    assert leaves["logp"].grad is not None and leaves["entropy"].grad is not None
+    for key in ("old_logp", "advantages", "is_weights", "ref_logp"):
+        assert leaves[key].grad is None, key
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+def test_gradient_to_entropy_only_and_no_grad(backend):
+    inputs = make_policy_inputs(B=3, T=10)
+    ent = inputs["entropy"].clone().requires_grad_()
+    args = (inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["mask"])
+    loss, _ = ppo_policy_loss(*args, entropy=ent, entropy_coef=0.5, agg="seq-mean-token-sum", backend=backend)
+    loss.backward()
+    e64 = inputs["entropy"].double().requires_grad_()
+    total, *_ = ref_policy(
+        *(t.double() if t.is_floating_point() else t for t in args),
+        entropy=e64,
+        entropy_coef=0.5,
+        agg="seq-mean-token-sum",
+    )
+    total.backward()
+    assert_close(ent.grad, e64.grad, 1e-6, name="d entropy")
+    with torch.no_grad():
+        loss_ng, _ = ppo_policy_loss(
+            *args, entropy=ent, entropy_coef=0.5, agg="seq-mean-token-sum", backend=backend
+        )
+    assert not loss_ng.requires_grad and torch.equal(loss_ng, loss.detach())
+
+
+def test_metric_keys_follow_optional_inputs():
+    inputs = make_policy_inputs(B=2, T=8)
+    _, metrics = ppo_policy_loss(inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["mask"])
+    assert set(metrics) == {"pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"}
+
+
+# ----------------------------------------------------------------------------- value loss
+
+
+@pytest.mark.parametrize("agg", AGGS, ids=lambda a: f"{a[0]}-{a[1]}")
+@pytest.mark.parametrize("clip", [0.0, 0.2, 0.5, 10.0])
+def test_value_loss_cpu(clip, agg):
+    check_value_loss("cpu", clip, agg)
+
+
+@pytest.mark.parametrize("clip, agg", [(0.2, AGGS[0]), (0.5, AGGS[3]), (0.0, AGGS[5]), (0.5, AGGS[2])])
+def test_value_loss_triton(clip, agg):
+    check_value_loss("triton", clip, agg)
+
+
+def check_value_loss(backend, clip, agg, B=4, T=40, dtype=torch.float32):
+    old = torch.randn(B, T, dtype=dtype)
+    values = (old + 0.5 * torch.randn(B, T, dtype=dtype)).requires_grad_()
+    returns = old + torch.randn(B, T, dtype=dtype)
+    mask = torch.rand(B, T) > 0.3
+    mask[1] = False
+    loss, metrics = value_loss(
+        values, old, returns, mask, clip=clip, agg=agg[0], agg_scale=agg[1], backend=backend
+    )
+    (grad,) = torch.autograd.grad(loss, values)
+    v64 = values.detach().double().requires_grad_()
+    ref_loss, ref_clipfrac = ref_value(v64, old.double(), returns.double(), mask, clip, agg[0], agg[1])
+    (ref_grad,) = torch.autograd.grad(ref_loss, v64)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert_close(loss, ref_loss, rtol, name="loss")
+    assert_close(metrics["vf_loss"], ref_loss, rtol, name="vf_loss")
+    assert_close(metrics["vf_clipfrac"], ref_clipfrac, rtol, name="vf_clipfrac")
+    assert_close(grad, ref_grad, rtol, name="d values")
+    assert not any(v.requires_grad for v in metrics.values())
+
+
+def test_value_loss_fp64_and_ties(backend):
+    check_value_loss(backend, 0.3, AGGS[3], dtype=torch.float64)
+    # values == old_values: vclip == v, a tie, not clipped.
+    v = torch.randn(3, 9, requires_grad=True)
+    loss, metrics = value_loss(v, v.detach(), torch.zeros(3, 9), torch.ones(3, 9), clip=0.0, backend=backend)
+    loss.backward()
+    assert float(metrics["vf_clipfrac"]) == 0.0
+    assert_close(v.grad, v.detach() / 27, 1e-6, name="d values")
+
+
+# ----------------------------------------------------------------------------- kl_penalty, agg_loss
+
+
+@pytest.mark.parametrize("estimator", KL_NAMES)
+def test_kl_penalty(estimator):
+    logp = torch.randn(4, 50) * 3
+    logp[0, :4] = torch.tensor([0.0, 25.0, -25.0, 1e-4])  # |d| > 20 and d ~ 0
+    ref = torch.zeros(4, 50)
+    ref[1] = -12.0  # k3 at x = -12 ... and y clamped at 10 for x > ~2.6
+    lp = logp.clone().requires_grad_()
+    out = kl_penalty(lp, ref, estimator)
+    (grad,) = torch.autograd.grad(out.sum(), lp)
+    lp64 = logp.double().requires_grad_()
+    expected = ref_kl(lp64, ref.double(), estimator)
+    (ref_grad,) = torch.autograd.grad(expected.sum(), lp64)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, 1e-6, name="kl")
+    assert_close(grad, ref_grad, 1e-6, name="d kl")
+
+
+@pytest.mark.parametrize(
+    "mode, scale", [(m, None) for m in AGG_MODES] + [("token-mean", 50.0), ("seq-mean-token-sum-norm", 50.0)]
+)
+def test_agg_loss(mode, scale):
+    L = torch.randn(6, 30, requires_grad=True)
+    m = torch.rand(6, 30) > 0.4
+    m[2] = False
+    out = agg_loss(L, m, mode, scale)
+    (grad,) = torch.autograd.grad(out, L)
+    L64 = L.detach().double().requires_grad_()
+    expected = ref_agg(L64, m, mode, scale)
+    (ref_grad,) = torch.autograd.grad(expected, L64)
+    assert_close(out, expected, 1e-6, scale=ref_agg(L64.detach().abs(), m, mode, scale), name="agg")
+    assert_close(grad, ref_grad, 1e-6, name="d agg")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _policy_call(**overrides):
+    inputs = make_policy_inputs(B=2, T=6)
+    args = {k: inputs[k] for k in ("logp", "old_logp", "advantages", "mask")}
+    args.update(overrides)
+    return lambda: ppo_policy_loss(**args)
+
+
+BAD_POLICY = [
+    ({"old_logp": torch.zeros(2, 5)}, "old_logp"),
+    ({"advantages": torch.zeros(3, 6)}, "advantages"),
+    ({"mask": torch.ones(2, 7)}, "mask"),
+    ({"mask": torch.full((2, 6), 2.0)}, "mask must contain only 0 and 1"),
+    ({"is_weights": torch.ones(6)}, "is_weights"),
+    ({"ref_logp": torch.ones(2, 5)}, "ref_logp"),
+    ({"entropy": torch.ones(1, 6)}, "entropy"),
+    ({"logp": torch.zeros(12)}, "logp"),
+    ({"dual_clip": 1.0}, "dual_clip"),
+    ({"dual_clip": 0.5}, "dual_clip"),
+    ({"clip_low": -0.1}, "clip_low"),
+    ({"clip_high": -0.2}, "clip_high"),
+    ({"clip_high": float("nan")}, "clip_high"),
+    ({"agg": "mean"}, "agg must be one of token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean"),
+    ({"agg_scale": -3.0}, "agg_scale"),
+    ({"agg": "seq-mean-token-mean", "agg_scale": 3.0}, "agg_scale"),
+    (
+        {"kl_estimator": "full", "ref_logp": torch.zeros(2, 6)},
+        "kl_estimator must be one of k1, kl, abs, k2, mse",
+    ),
+    ({"ratio_level": "group"}, "ratio_level must be one of token, sequence"),
+    ({"kl_coef": 0.1}, "ref_logp"),
+    ({"entropy_coef": 0.1}, "entropy"),
+    ({"backend": "cuda"}, "backend"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", BAD_POLICY, ids=[m for _, m in BAD_POLICY])
+def test_policy_loss_bad_input(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _policy_call(**overrides)()
+
+
+@pytest.mark.parametrize("bad", [2.0, 0.5, -1.0, float("nan")])
+def test_mask_values_checked_in_the_pass(backend, bad):
+    inputs = make_policy_inputs(B=2, T=6)
+    mask = inputs["mask"].float()
+    mask[1, 3] = bad
+    with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
+        ppo_policy_loss(inputs["logp"], inputs["old_logp"], inputs["advantages"], mask, backend=backend)
+    with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
+        value_loss(inputs["logp"], inputs["old_logp"], inputs["advantages"], mask, backend=backend)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError, match="logp"):
+        _policy_call(logp=[[0.0]])()
+    with pytest.raises(TypeError, match="old_logp"):
+        _policy_call(old_logp=torch.zeros(2, 6, dtype=torch.int64))()
+    with pytest.raises(TypeError, match="clip_low"):
+        _policy_call(clip_low="0.2")()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"old_values": torch.zeros(3, 4)}, "old_values"),
+        ({"returns": torch.zeros(2, 5)}, "returns"),
+        ({"mask": torch.full((3, 5), 0.5)}, "mask"),
+        ({"clip": -0.5}, "clip"),
+        ({"agg": "sum"}, "agg must be one of token-mean, seq-mean-token-sum"),
+    ],
+)
+def test_value_loss_bad_input(kwargs, match):
+    args = {
+        "values": torch.zeros(3, 5),
+        "old_values": torch.zeros(3, 5),
+        "returns": torch.zeros(3, 5),
+        "mask": torch.ones(3, 5),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        value_loss(**args)
+
+
+def test_kl_and_agg_bad_input():
+    with pytest.raises(ValueError, match="estimator must be one of k1, kl, abs, k2, mse, k3, low_var_kl"):
+        kl_penalty(torch.zeros(2, 3), torch.zeros(2, 3), "k4")
+    with pytest.raises(ValueError, match="ref_logp"):
+        kl_penalty(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="mode must be one of token-mean"):
+        agg_loss(torch.zeros(2, 3), torch.ones(2, 3), "seq-sum")
+    with pytest.raises(ValueError, match="mask"):
+        agg_loss(torch.zeros(2, 3), torch.full((2, 3), 3))
+
+
+def test_exported():
+    for name in ("ppo_policy_loss", "value_loss", "kl_penalty", "agg_loss"):
+        assert name in alignkit.__all__ and callable(getattr(alignkit, name))
+    assert math.isfinite(float(agg_loss(torch.ones(1, 2), torch.ones(1, 2))))
