@@ -1,4 +1,5 @@
-"""Input validation shared by the public ops: every message names the argument and what it got."""
+"""Input validation and dtype rules shared by the public ops: every message names the argument and
+what it got."""
 
 from __future__ import annotations
 
@@ -48,19 +49,41 @@ def mask(m: object, name: str, ref: torch.Tensor, ref_name: str, check_values: b
     return m
 
 
-def unit_interval(value: object, name: str) -> float:
+def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp64 when any given tensor is fp64, else fp32 (fp16/bf16 inputs accumulate in fp32)."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def _number(value: object, name: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    value = float(value)
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return float(value)
+
+
+def finite(value: object, name: str) -> float:
+    value = _number(value, name, "a float")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def non_negative(value: object, name: str) -> float:
+    value = _number(value, name, "a non-negative float")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value}")
+    return value
+
+
+def unit_interval(value: object, name: str) -> float:
+    value = _number(value, name, "a float in [0, 1]")
     if not (0.0 <= value <= 1.0):  # also rejects NaN
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
 
 
 def positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    value = float(value)
+    value = _number(value, name, "a positive float")
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value

@@ -75,6 +75,19 @@ def test_gae_matches_oracle(backend, backend_device, shape, gamma_lam, kind):
     torch.testing.assert_close(ret32.double(), ref_ret, rtol=1e-4, atol=1e-4 * shape[1] ** 0.5)
 
 
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["parallel", "serial"])
+def test_gae_cpu_row_parallel_and_serial_kernels(monkeypatch, threshold):
+    import alignkit.cpu
+
+    monkeypatch.setattr(alignkit.cpu, "PARALLEL_MIN_ELEMENTS", threshold)
+    r, v = torch.randn(9, 77, dtype=torch.float64), torch.randn(9, 77, dtype=torch.float64)
+    m = random_mask(9, 77)
+    ref_adv, ref_ret = gae_oracle(r, v, m, 0.99, 0.95)
+    adv, ret = alignkit.gae(r, v, m, 0.99, 0.95, backend="cpu")
+    torch.testing.assert_close(adv, ref_adv, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ret, ref_ret, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gae_half_inputs_accumulate_in_fp32(backend, backend_device, dtype):
     r, v = torch.randn(4, 100).to(dtype), torch.randn(4, 100).to(dtype)

@@ -19,10 +19,6 @@ _backend.register_op("gae_packed")
 _backend.register_op("discounted_returns")
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _no_grad_inputs(name: str, **tensors: torch.Tensor) -> None:
     if torch.is_grad_enabled():
         for arg, t in tensors.items():
@@ -84,7 +80,7 @@ def gae(
     rewards, values, mask = _check_padded("gae", rewards, values, mask)
     gamma = _checks.unit_interval(gamma, "gamma")
     lam = _checks.unit_interval(lam, "lam")
-    dtype = _compute_dtype(rewards, values)
+    dtype = _checks.accumulation_dtype(rewards, values)
     if _backend.resolve(backend, rewards.device) == "triton":
         from ..kernels import gae as _kernels
 
@@ -151,7 +147,7 @@ def gae_packed(
     gamma = _checks.unit_interval(gamma, "gamma")
     lam = _checks.unit_interval(lam, "lam")
     cu = _check_cu_seqlens(cu_seqlens, rewards2.shape[1], rewards.device)
-    dtype = _compute_dtype(rewards, values)
+    dtype = _checks.accumulation_dtype(rewards, values)
     values2, mask2 = values.reshape(1, -1), mask.reshape(1, -1)
     if _backend.resolve(backend, rewards.device) == "triton":
         from ..kernels import gae as _kernels
@@ -181,7 +177,7 @@ def discounted_returns(
     """
     rewards, _, mask = _check_padded("discounted_returns", rewards, None, mask)
     gamma = _checks.unit_interval(gamma, "gamma")
-    dtype = _compute_dtype(rewards)
+    dtype = _checks.accumulation_dtype(rewards)
     if _backend.resolve(backend, rewards.device) == "triton":
         from ..kernels import gae as _kernels
 

@@ -289,7 +289,7 @@ def fused_linear_ppo_loss(
         ignore_index=ignore_index,
         chunk_size=chunk_size,
         impl=_backend.resolve(backend, hidden.device),
-        dtype=_losses._compute_dtype(hidden, old_logp, advantages, is_weights, ref_logp),
+        dtype=_checks.accumulation_dtype(hidden, old_logp, advantages, is_weights, ref_logp),
     )
     loss, *metrics = _FusedLinearPPOLoss.apply(
         hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, cfg

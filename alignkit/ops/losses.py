@@ -20,8 +20,6 @@ Conventions beyond the formulas:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import _checks
@@ -50,30 +48,6 @@ _COUNT, _LOSS, _ENTROPY, _KL, _CLIP, _CLIP_LOWER, _NEG_LOGRATIO, _BAD_MASK = ran
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return (
-        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-    )
-
-
-def _non_negative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a non-negative finite number, got {value}")
-    return value
-
-
-def _finite(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _like(x: object, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
@@ -122,16 +96,16 @@ def _policy_config(
 ) -> dict:
     """Validated policy-loss options (shared with alignkit.fused_linear_ppo_loss)."""
     cfg = {
-        "clip_low": _non_negative(clip_low, "clip_low"),
-        "clip_high": _non_negative(clip_high, "clip_high"),
+        "clip_low": _checks.non_negative(clip_low, "clip_low"),
+        "clip_high": _checks.non_negative(clip_high, "clip_high"),
         "agg": _agg_mode(agg),
         "kl_estimator": _kl_estimator(kl_estimator),
-        "kl_coef": _finite(kl_coef, "kl_coef"),
-        "entropy_coef": _finite(entropy_coef, "entropy_coef"),
+        "kl_coef": _checks.finite(kl_coef, "kl_coef"),
+        "entropy_coef": _checks.finite(entropy_coef, "entropy_coef"),
     }
     cfg["agg_scale"] = _agg_scale(agg_scale, cfg["agg"])
     if dual_clip is not None:
-        dual_clip = _finite(dual_clip, "dual_clip")
+        dual_clip = _checks.finite(dual_clip, "dual_clip")
         if not dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
     if ratio_level not in RATIO_LEVELS:
@@ -200,7 +174,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     logp = _checks.float_tensor(logp, "logp")
     ref_logp = _like(ref_logp, "ref_logp", logp, "logp")
     code = _kl_estimator(estimator, "estimator")
-    dtype = _compute_dtype(logp, ref_logp)
+    dtype = _checks.accumulation_dtype(logp, ref_logp)
     d = logp.to(dtype) - ref_logp.to(dtype)
     if code == "k1":
         return d
@@ -458,7 +432,7 @@ def ppo_policy_loss(
         has_ref=ref_logp is not None, has_entropy=entropy is not None,
     )  # fmt: skip
     cfg["impl"] = _backend.resolve(backend, logp.device)
-    cfg["dtype"] = _compute_dtype(logp, old_logp, advantages, is_weights, ref_logp, entropy)
+    cfg["dtype"] = _checks.accumulation_dtype(logp, old_logp, advantages, is_weights, ref_logp, entropy)
     loss, pg, clipfrac, clipfrac_lower, ppo_kl, kl, ent = _PolicyLossFunction.apply(
         logp, entropy, old_logp, advantages, mask, is_weights, ref_logp, cfg
     )
@@ -488,9 +462,9 @@ def value_loss(
     old_values = _like(old_values, "old_values", values, "values")
     returns = _like(returns, "returns", values, "values")
     mask = _checks.mask(mask, "mask", values, "values", check_values=False)  # values: checked in the pass
-    cfg = {"clip": _non_negative(clip, "clip"), "agg": _agg_mode(agg)}
+    cfg = {"clip": _checks.non_negative(clip, "clip"), "agg": _agg_mode(agg)}
     cfg["agg_scale"] = _agg_scale(agg_scale, cfg["agg"])
     cfg["impl"] = _backend.resolve(backend, values.device)
-    cfg["dtype"] = _compute_dtype(values, old_values, returns)
+    cfg["dtype"] = _checks.accumulation_dtype(values, old_values, returns)
     loss, vf_loss, clipfrac = _ValueLossFunction.apply(values, old_values, returns, mask, cfg)
     return loss, {"vf_loss": vf_loss, "vf_clipfrac": clipfrac}
