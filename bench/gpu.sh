@@ -12,8 +12,8 @@ status=0
 python -m pip install --no-build-isolation --no-deps -q -e . || exit 1
 python -m alignkit.cli info || exit 1
 
-timeout 240 python -m pytest tests -q -x -p no:cacheprovider --durations=15 || status=1
-timeout 300 python bench/run.py --device cuda || status=1
+timeout 180 python -m pytest tests -q -x -p no:cacheprovider --durations=15 || status=1
+timeout 270 python bench/run.py --device cuda || status=1
 
 if [ -n "${OUT:-}" ]; then
   cp bench/results/cuda.json bench/results/cuda.md "$OUT"/ 2>/dev/null || true
