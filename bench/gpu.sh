@@ -4,6 +4,8 @@
 #   1. build and install alignkit (no network, no dependency changes)
 #   2. the whole test suite, Triton kernels compiled on the GPU (GPU-only tests included)
 #   3. all GPU benchmarks -> bench/results/cuda.json + cuda.md (and copies under $OUT if set)
+# Back on the development machine, with cuda.json copied into bench/results/:
+#   python bench/render.py bench/results/cuda.json --out bench/results/cuda.md --readme README.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
