@@ -44,9 +44,15 @@ def mask(m: object, name: str, ref: torch.Tensor, ref_name: str, check_values: b
     same_device(m, name, ref, ref_name)
     if m.is_complex():
         raise TypeError(f"{name} must be a bool, integer or float tensor, got {m.dtype}")
-    if check_values and m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
-        raise ValueError(f"{name} must contain only 0 and 1")
+    if check_values:
+        zero_one(m, name)
     return m
+
+
+def zero_one(m: torch.Tensor, name: str) -> None:
+    """Raise unless every element of ``m`` is 0 or 1 (one reduction; a device sync on CUDA)."""
+    if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
+        raise ValueError(f"{name} must contain only 0 and 1")
 
 
 def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

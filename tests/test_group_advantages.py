@@ -88,6 +88,17 @@ def test_reinforce_pp_baseline_whitens_over_masked_tokens_like_verl():
     torch.testing.assert_close(got, expected)
 
 
+def test_groups_of_equal_scores_have_finite_gradients():
+    """All-correct / all-wrong prompt groups: advantage 0 and gradients 0, never NaN."""
+    s = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0], dtype=torch.float64, requires_grad=True)
+    for eps in (1e-6, 0.0):
+        adv = alignkit.group_advantages(s, [0, 0, 1, 2, 2], "grpo", eps=eps)
+        assert adv[3].item() == adv[4].item() == 0.0
+        (grad,) = torch.autograd.grad(adv.sum(), s)
+        assert torch.isfinite(grad).all() and grad[3].item() == grad[4].item() == 0.0
+    # (No gradcheck here: the std is not differentiable at a group of equal scores.)
+
+
 def test_group_advantages_bad_input():
     s = torch.randn(3)
     with pytest.raises(ValueError, match="method must be one of grpo, dr_grpo, rloo, reinforce"):
@@ -102,6 +113,8 @@ def test_group_advantages_bad_input():
         alignkit.group_advantages(s, [0, 1, 2], eps=-1.0)
     with pytest.raises(ValueError, match=r"mask must have shape \(3, T\)"):
         alignkit.group_advantages(s, [0, 1, 2], mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="mask must contain only 0 and 1"):
+        alignkit.group_advantages(s, [0, 1, 2], mask=torch.full((3, 4), 0.5))
 
 
 # ---- masked statistics -------------------------------------------------------------------------

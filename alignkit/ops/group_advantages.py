@@ -88,6 +88,7 @@ def group_advantages(
         if mask.dim() != 2 or mask.shape[0] != batch:
             raise ValueError(f"mask must have shape ({batch}, T), got {tuple(mask.shape)}")
         _checks.same_device(mask, "mask", scores, "scores")
+        _checks.zero_one(mask, "mask")
     gid, n_groups = group_ids(index, batch, scores.device)
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     s = scores.to(acc)
@@ -101,8 +102,13 @@ def group_advantages(
     if method == "grpo":
         sq_dev = torch.zeros(n_groups, dtype=acc, device=s.device).index_add_(0, gid, (s - mean) ** 2)
         var = sq_dev[gid] / torch.clamp(n - 1, min=1)
-        std = torch.where(single, torch.ones_like(s), var.sqrt())
-        adv = (s - mean) / (std + eps)
+        # sqrt has an infinite slope at 0: a group of equal scores (all right, all wrong) would give
+        # NaN gradients, so its std is taken as a constant 0; with eps = 0 its advantage is 0.
+        spread = var > 0
+        std = torch.where(spread, torch.where(spread, var, 1.0).sqrt(), 0.0)
+        std = torch.where(single, torch.ones_like(s), std)
+        denom = std + eps
+        adv = torch.where(denom > 0, (s - mean) / torch.where(denom > 0, denom, 1.0), 0.0)
     elif method == "rloo":
         scale = n / torch.clamp(n - 1, min=1)
         adv = torch.where(single, s, s * scale - mean * scale)
