@@ -1,0 +1,396 @@
+"""Compile every launched Triton kernel of alignkit.kernels for sm_90, ahead of time, without a GPU.
+
+Run by tests/test_kernels_compile.py in a subprocess (the test process runs the kernels under the
+Triton interpreter, whose kernel objects cannot be compiled). Each variant mirrors what a host
+launcher passes on CUDA: argument dtypes (bool masks arrive as uint8), constexpr flags, tile sizes,
+autotune configs, and Triton's runtime specialisation (an int argument equal to 1 becomes the
+constant 1; pointers and ints divisible by 16 carry ``tt.divisibility``). Prints one line per
+variant; exits 1 listing every failure. ``python tests/compile_kernels_sm90.py [--jobs N] [FILTER]``
+compiles the variants whose name contains FILTER.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton (and alignkit.kernels) is imported
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from alignkit.kernels import gae, logprobs, ppo_loss
+
+TARGET = GPUTarget("cuda", 90, 32)
+MODULES = (gae, logprobs, ppo_loss)
+F32, F64 = tl.float32, tl.float64
+
+
+@dataclass(frozen=True)
+class Const:
+    """A constexpr argument, or an int the runtime specialises to a constant (the value 1)."""
+
+    value: object
+
+
+@dataclass
+class Variant:
+    """One compilation: ``args`` maps every kernel parameter to a signature type or a Const."""
+
+    kernel: JITFunction
+    label: str
+    args: dict[str, str | Const]
+    aligned: tuple[str, ...] = ()  # int parameters divisible by 16 (pointers always are)
+    options: dict[str, int] = field(default_factory=dict)  # num_warps / num_stages of a config
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel.__name__}[{self.label}]"
+
+
+def compile_variant(variant: Variant) -> tuple[str, str | None, float]:
+    """(name, error or None, seconds)."""
+    fn = variant.kernel
+    start = time.perf_counter()
+    try:
+        if list(variant.args) != fn.arg_names:
+            raise TypeError(f"arguments {list(variant.args)} do not match the kernel's {fn.arg_names}")
+        signature = {k: "constexpr" if isinstance(v, Const) else v for k, v in variant.args.items()}
+        constexprs = {k: v.value for k, v in variant.args.items() if isinstance(v, Const)}
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, (k, v) in enumerate(variant.args.items())
+            if isinstance(v, str) and (v.startswith("*") or k in variant.aligned)
+        }
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION")
+            triton.compile(src, target=TARGET, options=variant.options)
+    except Exception as exc:
+        return variant.name, _describe(exc), time.perf_counter() - start
+    return variant.name, None, time.perf_counter() - start
+
+
+def _describe(exc: BaseException) -> str:
+    # One line: a CompilationError quotes the kernel source around the failing line (kept short);
+    # the error that caused it is chained below it.
+    parts = []
+    while exc is not None and len(parts) < 4:
+        lines = [line for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip()]
+        if len(lines) > 8:
+            lines = [*lines[:1], "...", *lines[-4:]]
+        parts.append(" | ".join(lines))
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)[:2000]
+
+
+def _ptr(dtype: str) -> str:
+    return dtype if dtype.startswith("*") else f"*{dtype}"
+
+
+# ----------------------------------------------------------------------------- gae.py
+
+
+def gae_variants() -> Iterator[Variant]:
+    # _launch_gae: outputs, summary and carry in the accumulation dtype (fp64 iff an input is fp64);
+    # without cu_seqlens the cu pointer is rewards; without a carry, n_chunks == 1 (specialised) and
+    # the carry pointer is rewards. On CUDA, CHUNK >= 256 and BLOCK = min(1024, CHUNK).
+    # (rewards, values, mask, ACC, BLOCK)
+    inputs = [
+        ("fp32", "fp32", "u8", F32, 1024),
+        ("fp64", "fp64", "u8", F64, 1024),
+        ("bf16", "bf16", "bf16", F32, 256),
+        ("fp16", "fp32", "i64", F32, 512),
+        ("fp32", "fp64", "fp32", F64, 256),
+    ]
+    for r, v, m, acc, block in inputs:
+        out = "fp64" if acc == F64 else "fp32"
+        for packed in (False, True):
+            cu = "*i64" if packed else _ptr(r)
+            label = f"r={r},v={v},m={m},ACC={out},BLOCK={block},PACKED={packed}"
+            common = {"T": "i32", "stride_row": "i32"}
+            for has_carry in (False, True):
+                yield Variant(
+                    gae._gae_fwd_kernel,
+                    f"{label},HAS_CARRY={has_carry}",
+                    {
+                        "r_ptr": _ptr(r), "v_ptr": _ptr(v), "m_ptr": _ptr(m), "adv_ptr": _ptr(out),
+                        "ret_ptr": _ptr(out), "carry_ptr": _ptr(out) if has_carry else _ptr(r), "cu_ptr": cu,
+                        **common, "n_chunks": "i32" if has_carry else Const(1), "CHUNK": "i32",
+                        "gamma": "fp32", "lam": "fp32", "HAS_CARRY": Const(has_carry),
+                        "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
+                    },
+                    aligned=("T", "stride_row", "CHUNK"),
+                )  # fmt: skip
+            yield Variant(
+                gae._gae_summary_kernel,
+                label,
+                {
+                    "r_ptr": _ptr(r), "v_ptr": _ptr(v), "m_ptr": _ptr(m), "summary_ptr": _ptr(out),
+                    "cu_ptr": cu, **common, "n_chunks": "i32", "CHUNK": "i32", "gamma": "fp32",
+                    "lam": "fp32", "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
+                },
+                aligned=("T", "stride_row", "CHUNK"),
+            )  # fmt: skip
+            if r == v:  # the carry kernel sees only the summary, carry and cu pointers
+                yield Variant(
+                    gae._gae_carry_kernel,
+                    label,
+                    {
+                        "summary_ptr": _ptr(out), "carry_ptr": _ptr(out), "cu_ptr": cu, "T": "i32",
+                        "n_chunks": "i32", "CHUNK": "i32", "PACKED": Const(packed), "ACC": Const(acc),
+                        "BLOCK": Const(16),
+                    },
+                    aligned=("CHUNK",),
+                )  # fmt: skip
+    # T = 1: a padded row's T and stride_row are both specialised to 1; a packed batch whose longest
+    # row has length 1 has T = 1 and stride_row = 0. One chunk, so no carry.
+    for packed in (False, True):
+        for r, acc in (("fp32", F32), ("fp64", F64)):
+            out = "fp64" if acc == F64 else "fp32"
+            yield Variant(
+                gae._gae_fwd_kernel,
+                f"T=1,r=v={r},m=u8,ACC={out},BLOCK=256,PACKED={packed},HAS_CARRY=False",
+                {
+                    "r_ptr": _ptr(r), "v_ptr": _ptr(r), "m_ptr": "*u8", "adv_ptr": _ptr(out),
+                    "ret_ptr": _ptr(out), "carry_ptr": _ptr(r), "cu_ptr": "*i64" if packed else _ptr(r),
+                    "T": Const(1), "stride_row": "i32" if packed else Const(1), "n_chunks": Const(1),
+                    "CHUNK": "i32", "gamma": "fp32", "lam": "fp32", "HAS_CARRY": Const(False),
+                    "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(256),
+                },
+                aligned=("stride_row", "CHUNK"),
+            )  # fmt: skip
+    # discounted_returns_fwd: BLOCK = 1024 on CUDA, T passed twice (length and row stride).
+    for r, m, acc, one in (
+        ("fp32", "u8", F32, False),
+        ("bf16", "fp32", F32, False),
+        ("fp64", "u8", F64, False),
+        ("fp32", "u8", F32, True),
+    ):
+        out = "fp64" if acc == F64 else "fp32"
+        length = Const(1) if one else "i32"
+        yield Variant(
+            gae._discounted_returns_kernel,
+            f"{'T=1,' if one else ''}r={r},m={m},ACC={out},BLOCK=1024",
+            {
+                "r_ptr": _ptr(r), "m_ptr": _ptr(m), "out_ptr": _ptr(out), "T": length,
+                "stride_row": length, "gamma": "fp32", "ACC": Const(acc), "BLOCK": Const(1024),
+            },
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- logprobs.py
+
+
+def logprobs_variants() -> Iterator[Variant]:
+    # token_logprobs_fwd/bwd: logits fp32/bf16/fp16 (fp64 goes to the CPU implementation), labels
+    # int64, statistics fp32, d logits in the logits' dtype; BLOCK_V = min(next_pow2(V), 4096).
+    for x, block_v in (("fp32", 4096), ("bf16", 4096), ("fp16", 1024)):
+        tail = {"inv_temp": "fp32", "ignore_index": "i32", "BLOCK_V": Const(block_v)}
+        yield Variant(
+            logprobs._token_logprobs_fwd_kernel,
+            f"x={x},BLOCK_V={block_v}",
+            {
+                "x_ptr": _ptr(x), "labels_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
+                "lse_ptr": "*fp32", "V": "i32", "stride_xn": "i32", **tail,
+            },
+        )  # fmt: skip
+        yield Variant(
+            logprobs._token_logprobs_bwd_kernel,
+            f"x={x},BLOCK_V={block_v}",
+            {
+                "x_ptr": _ptr(x), "dx_ptr": _ptr(x), "labels_ptr": "*i64", "lse_ptr": "*fp32",
+                "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "V": "i32",
+                "stride_xn": "i32", "stride_dxn": "i32", **tail,
+            },
+        )  # fmt: skip
+    # Fused lm_head kernels: autotuned on CUDA over _matmul_configs(); every config in bf16 (without
+    # bias), then fp32 (DOT_PRECISION="ieee") and fp16 with a bias on the first config.
+    configs = logprobs._matmul_configs()
+    cases = [("bf16", False, cfg) for cfg in configs]
+    cases += [("fp32", True, configs[0]), ("fp16", True, configs[-1])]
+    for x, has_bias, cfg in cases:
+        # Sizes divisible by 16 (hidden 4096 ...), except fp16, which stands for vocab 50257 / odd H.
+        label = ",".join(
+            [f"x={x}", f"HAS_BIAS={has_bias}"]
+            + [f"{k}={v}" for k, v in cfg.kwargs.items()]
+            + [f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"]
+        )
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        flags = {
+            "HAS_BIAS": Const(has_bias),
+            **{k: Const(v) for k, v in cfg.kwargs.items()},
+            "DOT_PRECISION": Const("ieee" if x == "fp32" else "tf32"),
+        }
+        operands = {"h_ptr": _ptr(x), "w_ptr": _ptr(x), "b_ptr": _ptr(x), "labels_ptr": "*i64"}
+        sizes = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32"}
+        aligned = ("V", "H", "stride_hn", "stride_wv", "stride_dzn", "split_cols") if x != "fp16" else ()
+        yield Variant(
+            logprobs._fused_linear_logprobs_fwd_kernel,
+            label,
+            {
+                **operands, "m_ptr": "*fp32", "s_ptr": "*fp32", "u_ptr": "*fp32", "zl_ptr": "*fp32",
+                **sizes, "inv_temp": "fp32", "split_cols": "i32", **flags,
+            },
+            aligned=aligned,
+            options=options,
+        )  # fmt: skip
+        yield Variant(
+            logprobs._fused_linear_logprobs_bwd_kernel,
+            label,
+            {
+                **operands, "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32",
+                "g_ent_ptr": "*fp32", "dz_ptr": _ptr(x), **sizes, "stride_dzn": "i32",
+                "inv_temp": "fp32", **flags,
+            },
+            aligned=aligned,
+            options=options,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- ppo_loss.py
+
+
+def ppo_loss_variants() -> Iterator[Variant]:
+    # Grid (B, NT) with BLOCK_T = min(next_pow2(T), 1024): NT = 1 (specialised) for T <= 1024;
+    # T = 1 gives BLOCK_T = 1. Statistics, params and the gradient buffer are in DTYPE.
+    # (logp / values dtype, the other inputs' dtype, mask dtype, DTYPE, T and NT, BLOCK_T)
+    shapes = {
+        "long": ("i32", "i32", 1024),  # T > 1024: several tiles
+        "short": ("i32", Const(1), 512),  # one tile
+        "T=1": (Const(1), Const(1), 1),
+    }
+    dtype_cases = [
+        ("fp32", "fp32", "u8", F32, "long"),
+        ("bf16", "bf16", "bf16", F32, "short"),
+        ("fp32", "fp64", "fp64", F64, "long"),
+        ("fp16", "fp32", "i64", F32, "T=1"),
+    ]
+    for x, other, m, dt, shape in dtype_cases:
+        out = "fp64" if dt == F64 else "fp32"
+        t, nt, block = shapes[shape]
+        label = f"{shape},x={x},other={other},m={m},DTYPE={out},BLOCK_T={block}"
+        yield Variant(
+            ppo_loss._seq_logratio_kernel,
+            label,
+            {
+                "logp_ptr": _ptr(x), "old_ptr": _ptr(other), "mask_ptr": _ptr(m), "partial_ptr": _ptr(out),
+                "T": t, "NT": nt, "DTYPE": Const(dt), "BLOCK_T": Const(block),
+            },
+            aligned=("T",),
+        )  # fmt: skip
+        for write_grad in (True, False):
+            yield Variant(
+                ppo_loss._value_fwd_kernel,
+                f"{label},WRITE_GRAD={write_grad}",
+                {
+                    "v_ptr": _ptr(x), "old_ptr": _ptr(other), "ret_ptr": _ptr(other), "mask_ptr": _ptr(m),
+                    "params_ptr": _ptr(out), "partial_ptr": _ptr(out), "grad_ptr": _ptr(out), "T": t,
+                    "NT": nt, "WRITE_GRAD": Const(write_grad), "DTYPE": Const(dt), "BLOCK_T": Const(block),
+                },
+                aligned=("T",),
+            )  # fmt: skip
+        # scale_rows_bwd: grad in DTYPE; d x in the logp/values dtype; d entropy in the entropy's.
+        for has_ent in (True, False):
+            yield Variant(
+                ppo_loss._scale_rows_bwd_kernel,
+                f"{label},HAS_ENT={has_ent}",
+                {
+                    "grad_ptr": _ptr(out), "mask_ptr": _ptr(m) if has_ent else _ptr(out),
+                    "row_weight_ptr": _ptr(out), "dx_ptr": _ptr(x), "dent_ptr": _ptr(other if has_ent else x),
+                    "params_ptr": _ptr(out), "T": t, "HAS_ENT": Const(has_ent), "DTYPE": Const(dt),
+                    "BLOCK_T": Const(block),
+                },
+                aligned=("T",),
+            )  # fmt: skip
+        # policy_fwd: every optional input off, then every one on with each KL estimator.
+        flag_sets = [dict.fromkeys(("HAS_IS", "HAS_REF", "HAS_ENT", "HAS_DUAL", "SEQ_RATIO"), False)]
+        flag_sets[0].update(KL_EST=0, WRITE_GRAD=False)
+        for kl in range(4):
+            on = dict.fromkeys(("HAS_IS", "HAS_REF", "HAS_ENT", "HAS_DUAL"), True)
+            flag_sets.append({**on, "SEQ_RATIO": kl % 2 == 0, "KL_EST": kl, "WRITE_GRAD": True})
+        if shape != "long":  # the full flag sweep once (fp32 and fp64 above); one combination here
+            flag_sets = flag_sets[-1:]
+        for flags in flag_sets:
+            on = [k for k, v in flags.items() if v is True]
+            yield Variant(
+                ppo_loss._ppo_policy_fwd_kernel,
+                f"{label},{'+'.join(on) or 'no-flags'},KL_EST={flags['KL_EST']}",
+                {
+                    "logp_ptr": _ptr(x), "old_ptr": _ptr(other), "adv_ptr": _ptr(other), "mask_ptr": _ptr(m),
+                    "isw_ptr": _ptr(other if flags["HAS_IS"] else x),
+                    "ref_ptr": _ptr(other if flags["HAS_REF"] else x),
+                    "ent_ptr": _ptr(other if flags["HAS_ENT"] else x),
+                    "seq_lr_ptr": _ptr(out), "params_ptr": _ptr(out), "partial_ptr": _ptr(out),
+                    "grad_ptr": _ptr(out), "T": t, "NT": nt,
+                    **{k: Const(v) for k, v in flags.items()}, "DTYPE": Const(dt), "BLOCK_T": Const(block),
+                },
+                aligned=("T",),
+            )  # fmt: skip
+
+
+def all_variants() -> list[Variant]:
+    return [*gae_variants(), *logprobs_variants(), *ppo_loss_variants()]
+
+
+def uncovered(variants: list[Variant]) -> list[str]:
+    """Kernels (``_..._kernel`` JIT functions of the modules) that no variant compiles."""
+    compiled = {id(v.kernel) for v in variants}
+    return [
+        f"{module.__name__}.{name}"
+        for module in MODULES
+        for name, obj in vars(module).items()
+        if isinstance(obj, JITFunction) and name.endswith("_kernel") and id(obj) not in compiled
+    ]
+
+
+_WORKER_VARIANTS: list[Variant] = []
+
+
+def _compile_index(index: int) -> tuple[str, str | None, float]:
+    # Workers rebuild the variant list (JIT functions do not pickle) and compile by index.
+    if not _WORKER_VARIANTS:
+        _WORKER_VARIANTS.extend(all_variants())
+    return compile_variant(_WORKER_VARIANTS[index])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("filter", nargs="?", default="", help="compile only variants whose name has this")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    args = parser.parse_args(argv)
+    variants = all_variants()
+    failures = [f"{name}: no variant compiles it" for name in uncovered(variants)]
+    chosen = [i for i, v in enumerate(variants) if args.filter in v.name]
+    start = time.perf_counter()
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_compile_index, chosen))
+    else:
+        results = [compile_variant(variants[i]) for i in chosen]
+    for name, error, seconds in results:
+        print(
+            f"{'ok  ' if error is None else 'FAIL'} {seconds:5.1f}s  {name}"
+            + (f"\n      {error}" * bool(error))
+        )
+        if error is not None:
+            failures.append(f"{name}: {error}")
+    wall = time.perf_counter() - start
+    print(f"{len(results)} variants for {TARGET} in {wall:.1f}s, {len(failures)} failures")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
