@@ -47,7 +47,8 @@ def _online_update(m, s, u, z, valid):
     shifted = z - m_new[:, None]
     e = tl.where(valid, tl.exp(shifted), 0.0)
     alpha = tl.exp(m - m_new)
-    u = alpha * (u + (m - m_new) * s) + tl.sum(e * shifted, axis=1)
+    # 0 * log 0 = 0: a logit of -inf (masked vocabulary) must not turn the sum into NaN.
+    u = alpha * (u + (m - m_new) * s) + tl.sum(e * tl.where(e > 0, shifted, 0.0), axis=1)
     s = alpha * s + tl.sum(e, axis=1)
     return m_new, s, u
 
@@ -58,7 +59,8 @@ def _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp):
     logp = z - lse[:, None]
     p = tl.exp(logp)
     onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
-    dz = g_logp[:, None] * (onehot - p) - g_ent[:, None] * p * (logp + ent[:, None])
+    ent_term = p * (tl.where(p > 0, logp, 0.0) + ent[:, None])  # p log p -> 0 as p -> 0 (logit -inf)
+    dz = g_logp[:, None] * (onehot - p) - g_ent[:, None] * ent_term
     return dz * inv_temp
 
 

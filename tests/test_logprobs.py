@@ -165,6 +165,60 @@ def test_token_logprobs_inplace_backward(backend):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
+def test_token_logprobs_masked_vocabulary(backend):
+    """Logits of -inf (a masked vocabulary, top-k/top-p processing) contribute 0 log 0 = 0: finite
+    entropy and gradients equal to the oracle on the finite columns, 0 on the masked ones."""
+    vocab, live = 40, 11
+    x = torch.randn(6, vocab, dtype=torch.float32)
+    x[:, live:] = float("-inf")
+    x[2, 5] = float("-inf")  # a masked column inside the live block too
+    labels = torch.randint(0, 5, (6,))
+    g_logp, g_ent = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    xf = x.clone().requires_grad_()
+    (grad,), (logp, ent) = grads_of(
+        lambda: alignkit.token_logprobs(xf, labels, 0.7, return_entropy=True, backend=backend),
+        [xf], g_logp, g_ent,
+    )  # fmt: skip
+    check_invariants(logp, ent)
+    assert torch.isfinite(grad).all()
+    # oracle on the live columns; row 2's masked live column is left out of its row by a large negative
+    ref = x[:, :live].double().clone()
+    ref[2, 5] = -1e4
+    ref.requires_grad_()
+    (ref_grad,), (ref_logp, ref_ent) = grads_of(lambda: oracle(ref, labels, 0.7), [ref], g_logp, g_ent)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[:, :live].double(), ref_grad, rtol=1e-4, atol=1e-5)
+    assert (grad[:, live:] == 0).all() and grad[2, 5] == 0
+
+
+def test_fused_linear_logprobs_masked_vocabulary(backend):
+    """A bias of -inf masks vocabulary entries: same values and gradients as the materialised path."""
+    n, hdim, vocab = 9, 16, 50
+    hidden = torch.randn(n, hdim, requires_grad=True)
+    weight = torch.randn(vocab, hdim, requires_grad=True)
+    bias = torch.zeros(vocab)
+    bias[20:] = float("-inf")
+    labels = torch.randint(0, 20, (n,))
+    g_logp, g_ent = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    fused_grads, (logp, ent) = grads_of(
+        lambda: alignkit.fused_linear_logprobs(
+            hidden, weight, labels, bias, return_entropy=True, chunk_size=4, backend=backend
+        ),
+        [hidden, weight], g_logp, g_ent,
+    )  # fmt: skip
+    check_invariants(logp, ent)
+    ref_grads, (ref_logp, ref_ent) = grads_of(
+        lambda: alignkit.token_logprobs(hidden @ weight.T + bias, labels, return_entropy=True, backend="cpu"),
+        [hidden, weight], g_logp, g_ent,
+    )  # fmt: skip
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fused_grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_token_logprobs_gradcheck_fp64():
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 6, IGNORE, 3, 2])

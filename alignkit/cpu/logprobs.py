@@ -24,6 +24,11 @@ import torch
 # Elements of one (rows, V) logits chunk: 2**23 fp32 = 32 MiB per temporary.
 CHUNK_ELEMENTS = 1 << 23
 
+# Below this log-probability p = exp(log p) is 0 in every float dtype (fp64 underflows at -745), so
+# clamping log p there changes no p * log p product with p > 0 and keeps 0 * log 0 (p = 0, e.g. a
+# logit of -inf) at 0 instead of NaN.
+LOG_P_FLOOR = -1.0e4
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; fp16 / bf16 / fp32 are accumulated in fp32."""
@@ -55,7 +60,8 @@ def _stats(z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, vocab: in
     logp = torch.where(out_of_range, torch.full_like(logp, float("nan")), logp)
     zero = torch.zeros_like(logp)
     # H = -sum p log p, a sum of non-negative terms (vecdot: fused, and as exact as mul + sum)
-    ent = -torch.linalg.vecdot(log_p.exp(), log_p) if need_entropy else zero
+    # (log p is clamped where p underflows to 0, e.g. logits of -inf: 0 * log 0 counts as 0, not NaN)
+    ent = -torch.linalg.vecdot(log_p.exp(), log_p.clamp_(min=LOG_P_FLOOR)) if need_entropy else zero
     return torch.where(valid, logp, zero), torch.where(valid, ent, zero), lse
 
 
@@ -68,6 +74,7 @@ def _dz_(z: torch.Tensor, labels: torch.Tensor, lse, ent, g_logp, g_ent, inv_tem
     log_p = z.sub_(lse[:, None])
     p = log_p.exp()
     if bool((g_ent != 0).any()):
+        log_p.clamp_(min=LOG_P_FLOOR)  # where p == 0 (logit -inf) the term is 0, not 0 * inf
         a = (g_ent * -inv_temp)[:, None]
         c = ((g_ent * ent + g_logp) * -inv_temp)[:, None]
         dz = log_p.mul_(a).add_(c).mul_(p)
