@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -157,6 +158,7 @@ class ReplayBuffer:
     def _init_from_core(self, core: Any) -> None:
         self._core = core
         self._epochs = 0
+        self._epochs_lock = threading.Lock()  # each shuffled epoch draws a distinct seed
         tspecs, sspecs, group_index, version_index = core.schema()
         names = {code: name for name, code in _CODES().items()}
         self.token_fields = tuple(
@@ -407,8 +409,10 @@ class ReplayBuffer:
             bins = _ext.load().first_fit_decreasing(lengths, max_tokens, layout == "padded")
             if shuffle:
                 # FFD emits bins longest first; visit them in a seeded random order instead.
-                self._epochs += 1
-                order = np.random.default_rng([self.seed, self._epochs]).permutation(len(bins))
+                with self._epochs_lock:
+                    self._epochs += 1
+                    epoch = self._epochs
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(bins))
                 bins = [bins[i] for i in order]
             groups = [ids[b] for b in bins]
         else:

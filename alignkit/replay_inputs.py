@@ -42,12 +42,55 @@ def _as_array(value: Any, name: str, dtype: np.dtype) -> np.ndarray:
             raw = np.asarray(value)
         except ValueError as exc:
             raise ValueError(f"field {name!r} is not a rectangular array: {exc}") from None
-        if raw.dtype.kind not in "biuf" or not np.can_cast(raw.dtype, dtype, casting="same_kind"):
+        if raw.dtype == object:
+            raw = _object_numbers(raw, name, dtype)
+        integers = raw.dtype.kind in "iu" and dtype.kind in "iu"  # range-checked below
+        if raw.dtype.kind not in "biuf" or not (
+            integers or np.can_cast(raw.dtype, dtype, casting="same_kind")
+        ):
             raise TypeError(f"field {name!r} must hold {dtype.name} values, got {raw.dtype}")
-        return np.ascontiguousarray(raw, dtype=dtype)
+        return _checked_cast(raw, name, dtype)
     raise TypeError(
         f"field {name!r} must be a NumPy array, a CPU torch tensor or a list, got {type(value).__name__}"
     )
+
+
+def _object_numbers(raw: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray:
+    """An object array from a list (Python ints beyond 64 bits) as numbers, or as it was."""
+    flat = raw.reshape(-1).tolist()
+    if not flat or not all(isinstance(v, (int, float)) for v in flat):
+        return raw
+    if dtype.kind in "iub":
+        bad = next(v for v in flat if not isinstance(v, int) or not -(2**63) <= v < 2**64)
+        raise ValueError(f"field {name!r} value {bad!r} does not fit in {dtype.name}")
+    try:
+        return raw.astype(np.float64)
+    except OverflowError:
+        raise ValueError(f"field {name!r} has a value too large for {dtype.name}") from None
+
+
+def _checked_cast(raw: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray:
+    """raw (from a list or scalar) cast to dtype, rejecting values that would wrap or overflow."""
+    if raw.size and dtype.kind in "iu" and raw.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = raw.min(), raw.max()
+        if lo < info.min or hi > info.max:
+            bad = lo if lo < info.min else hi
+            raise ValueError(
+                f"field {name!r} value {int(bad)} does not fit in {dtype.name} [{info.min}, {info.max}]"
+            )
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(raw, dtype=dtype)
+    if raw.size and dtype.kind == "f":
+        overflow = np.isinf(out) & np.isfinite(raw)
+        if overflow.any():
+            bad = raw.reshape(-1)[overflow.reshape(-1)][0]
+            info = np.finfo(dtype)
+            raise ValueError(
+                f"field {name!r} value {bad.item()!r} is out of range for {dtype.name} "
+                f"(finite values must lie within +-{float(info.max):g})"
+            )
+    return out
 
 
 def _int_array(value: Any, name: str) -> np.ndarray:

@@ -67,7 +67,7 @@ def _pad_bytes(value: Any, dtype: np.dtype, what: str) -> bytes:
     if not isinstance(value, (bool, int, float, np.generic)):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}")
     if dtype.kind in "biu":
-        if isinstance(value, float) and not float(value).is_integer():
+        if isinstance(value, (float, np.floating)) and not float(value).is_integer():
             raise ValueError(f"{what} must be an integer for dtype {dtype.name}, got {value!r}")
         if dtype.kind == "b":
             if value not in (0, 1):
@@ -77,6 +77,16 @@ def _pad_bytes(value: Any, dtype: np.dtype, what: str) -> bytes:
             if not info.min <= int(value) <= info.max:
                 raise ValueError(f"{what} = {value!r} does not fit in {dtype.name} [{info.min}, {info.max}]")
         value = int(value)
+    elif dtype.kind == "f":
+        try:
+            with np.errstate(over="ignore"):
+                cast = np.array(value, dtype=dtype)
+            overflow = bool(np.isinf(cast)) and bool(np.isfinite(float(value)))
+        except OverflowError:
+            overflow = True
+        if overflow:
+            raise ValueError(f"{what} = {value!r} is out of range for {dtype.name}")
+        return cast.tobytes()
     return np.array(value, dtype=dtype).tobytes()
 
 

@@ -490,3 +490,137 @@ def test_pin_memory_outputs_are_pinned() -> None:
         ):
             assert all(t.is_pinned() for t in batch.fields.values())
             assert torch.equal(batch["tokens"].cuda().cpu(), batch["tokens"])
+
+
+def narrow_buffer(**kw) -> ReplayBuffer:
+    return ReplayBuffer(
+        [TokenField("tok", torch.int8), TokenField("lp", torch.float16)],
+        [SequenceField("score", torch.int16)],
+        capacity_tokens=100,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"tok": [300, -1, 5], "lp": [0.5, 0.5, 0.5], "score": 1}, "'tok' value 300 does not fit in int8"),
+        ({"tok": [1, -129, 5], "lp": [0.5, 0.5, 0.5], "score": 1}, "'tok' value -129 does not fit in int8"),
+        ({"tok": [1, 2, 3], "lp": [1e6, 0.5, 7e4], "score": 1}, "'lp' value 1000000.0 is out of range"),
+        ({"tok": [1], "lp": [0.5], "score": 40000}, "'score' value 40000 does not fit in int16"),
+        ({"tok": [1, 2, 2**64], "lp": [0.5, 0.5, 0.5], "score": 1}, "'tok' value 18446744073709551616"),
+        ({"tok": [1, 2, 3], "lp": [0.5, 0.5, 10**400], "score": 1}, "'lp' has a value too large"),
+        ({"tok": [1, 2, 3], "lp": 70000.0, "score": 1}, "'lp' value 70000.0 is out of range"),
+    ],
+)
+def test_list_and_scalar_fields_out_of_range_are_rejected(fields, match) -> None:
+    rb = narrow_buffer()
+    with pytest.raises(ValueError, match=match):
+        rb.add(**fields)
+    assert len(rb) == 0
+
+
+def test_list_fields_in_range_and_explicit_nonfinite_floats_are_stored() -> None:
+    rb = narrow_buffer()
+    rb.add(tok=[127, -128, 5], lp=[float("inf"), 0.5, float("nan")], score=-32768)
+    b = rb.get([0])
+    assert b["tok"][0].tolist() == [127, -128, 5]
+    lp = b["lp"][0]
+    assert lp[0] == float("inf") and lp[1] == 0.5 and torch.isnan(lp[2])
+    assert b["score"].tolist() == [-32768]
+    with pytest.raises(TypeError, match="'score' must hold int16"):
+        rb.add(tok=[1], lp=[0.5], score=2.5)  # a non-integral float for an integer field
+    with pytest.raises(TypeError, match="'tok' must hold int8"):
+        rb.add(tok=[1.5], lp=[0.5], score=1)
+
+
+def test_numpy_float_pad_for_integer_field_is_rejected() -> None:
+    with pytest.raises(ValueError, match="pad of field 't' must be an integer"):
+        TokenField("t", torch.int32, pad=np.float32(2.5))
+    with pytest.raises(ValueError, match="pad of field 't' = 1000000.0 is out of range for float16"):
+        TokenField("t", torch.float16, pad=1e6)
+    assert TokenField("t", torch.int32, pad=np.float64(3.0)).pad == 3.0
+    rb = make_buffer()
+    rb.add(**seq(1, 3))
+    with pytest.raises(ValueError, match="pad_values\\['tokens'\\] must be an integer"):
+        rb.get([0], pad_values={"tokens": np.float64(0.5)})
+
+
+def test_priority_sum_overflow_is_rejected_and_state_unchanged() -> None:
+    rb = make_buffer(alpha=1.0, seed=3)
+    rb.add(**seq(1, 2), priority=1e308)
+    with pytest.raises(ValueError, match="priority"):
+        rb.add(**seq(2, 2), priority=1e308)
+    assert len(rb) == 1
+    rb.add(**seq(3, 2), priority=1.0)
+    with pytest.raises(ValueError, match="priorities"):
+        rb.update_priorities([1], [1e308])
+    with pytest.raises(ValueError, match="priorities"):
+        rb.update_priorities([0, 1, 1], [1e308, 1.0, 1e308])  # duplicates: the last one wins
+    assert rb.priorities([0, 1]).tolist() == [1e308, 1.0]
+    rb.update_priorities([0, 1, 1], [1e308, 1e308, 2.0])
+    assert rb.priorities([0, 1]).tolist() == [1e308, 2.0]
+    with pytest.raises(ValueError, match="priority"):
+        rb.add_packed(
+            cu_seqlens=[0, 1, 2],
+            tokens=[1, 2],
+            logprobs=[0.0, 0.0],
+            loss_mask=[1, 1],
+            score=[0.0, 0.0],
+            group_id=[0, 0],
+            policy_version=[0, 0],
+            priorities=[1.0, 1e308],
+        )
+    assert len(rb) == 2
+    b = rb.sample(4, prioritized=True)
+    assert b.ids.tolist() == [0, 0, 0, 0]  # not the lowest-priority id 1
+    # An update replacing the large value stays finite and is accepted.
+    rb.update_priorities([0, 1], [1.0, 1e308])
+    assert rb.priorities([0, 1]).tolist() == [1.0, 1e308]
+
+
+def test_priority_sum_projection_accounts_for_evictions() -> None:
+    rb = make_buffer(alpha=1.0, capacity_sequences=1)
+    rb.add(**seq(1, 2), priority=1e308)
+    rb.add(**seq(2, 2), priority=1e308)  # evicts the first one: the total stays finite
+    assert list(rb.live_ids) == [1]
+    assert rb.sample(2, prioritized=True).ids.tolist() == [1, 1]
+
+
+def test_priority_whose_power_underflows_is_rejected() -> None:
+    rb = make_buffer(alpha=2.0)
+    with pytest.raises(ValueError, match="priority 1e-200 raised to alpha underflows to 0"):
+        rb.add(**seq(1, 2), priority=1e-200)
+    assert len(rb) == 0
+    rb.add(**seq(1, 2), priority=1.0)
+    with pytest.raises(ValueError, match="priorities 1e-200 raised to alpha underflows to 0"):
+        rb.update_priorities([0], [1e-200])
+    with pytest.raises(ValueError, match="priority .* overflows to inf"):
+        rb.add(**seq(1, 2), priority=1e200)
+    assert rb.priorities([0]).tolist() == [1.0]
+    assert rb.sample(3, prioritized=True).ids.tolist() == [0, 0, 0]
+
+
+def test_epoch_seed_counter_is_atomic() -> None:
+    class SlowInt(int):
+        """Forces a thread switch in the middle of ``self._epochs += 1``."""
+
+        def __add__(self, other):
+            time.sleep(0.05)
+            return SlowInt(int(self) + other)
+
+    rb = make_buffer(seed=5)
+    for k in range(20):
+        rb.add(**seq(k, 1 + k % 5))
+    rb._epochs = SlowInt(0)
+    orders: list[list[int]] = []
+
+    def run() -> None:
+        orders.append([b.ids.tolist() for b in rb.epoch(max_tokens=6)])
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rb._epochs == 2

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <unordered_map>
 #include <unordered_set>
 
 namespace alignkit {
@@ -275,6 +276,34 @@ double ReplayBuffer::tree_value(double priority) const {
   return config_.alpha == 0.0 ? 1.0 : std::pow(priority, config_.alpha);
 }
 
+namespace {
+// Sum-tree totals are projected in a scaled domain (x 2^-64) so that the projection itself never
+// overflows; the margin covers the rounding of the tree's pairwise sums against the exact sum.
+constexpr int kTotalScaleExp = -64;
+const double kScaledTotalLimit = std::ldexp(std::numeric_limits<double>::max(), kTotalScaleExp) * (1.0 - 1e-9);
+
+double scaled(double v) { return std::ldexp(v, kTotalScaleExp); }
+
+// A priority is storable when p is finite and > 0 and p^alpha is finite and > 0 (no overflow to
+// inf, no underflow to 0: a zero leaf would never be sampled and a zero total has nothing to draw).
+void check_priority(double p, double value, const char* name, const std::string& where) {
+  if (!std::isfinite(p) || p <= 0.0) {
+    throw std::invalid_argument(std::string(name) + " must be finite and > 0, got " + std::to_string(p) + where);
+  }
+  if (!std::isfinite(value) || !(value > 0.0)) {
+    std::ostringstream os;
+    os << name << " " << p << " raised to alpha " << (value > 0.0 ? "overflows to inf" : "underflows to 0") << where;
+    throw std::invalid_argument(os.str());
+  }
+}
+
+[[noreturn]] void throw_total_overflow(const char* name) {
+  throw std::invalid_argument(std::string(name) +
+                              ": the sum of priorities^alpha over the buffer would overflow (not finite); "
+                              "the buffer is unchanged");
+}
+}  // namespace
+
 // O(log N) for the tree update; O(1) otherwise.
 void ReplayBuffer::evict_oldest_locked() {
   const int64_t id = first_id_;
@@ -375,6 +404,35 @@ void ReplayBuffer::append_locked(const AddRequest& r, int64_t b, int64_t version
 // ---------------------------------------------------------------------------------------------
 // add
 
+// Replays the evictions and appends of add(r) on the sum-tree total (nothing is modified) and
+// throws if the total would stop being finite at any step. O(n + evictions).
+void ReplayBuffer::check_add_total_locked(const AddRequest& r) const {
+  const int64_t n = r.num_sequences;
+  const int64_t cap = config_.capacity_tokens;
+  double total = scaled(tree_.total());
+  int64_t tokens = num_tokens_, first = first_id_, next = next_id_;
+  auto new_value = [&](int64_t b) {
+    return tree_value(r.priorities != nullptr ? r.priorities[b] : max_priority_);
+  };
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t len = r.lengths[b];
+    while (tokens + len > cap || (config_.capacity_sequences > 0 && next - first >= config_.capacity_sequences)) {
+      if (first < next_id_) {
+        tokens -= records_[static_cast<size_t>(first & record_mask_)].length;
+        total -= scaled(tree_.get(first & record_mask_));
+      } else {
+        tokens -= r.lengths[first - next_id_];
+        total -= scaled(new_value(first - next_id_));
+      }
+      ++first;
+    }
+    tokens += len;
+    ++next;
+    total += scaled(new_value(b));
+    if (!(total <= kScaledTotalLimit)) throw_total_overflow("priority");
+  }
+}
+
 std::vector<int64_t> ReplayBuffer::add(const AddRequest& r) {
   const int64_t n = r.num_sequences;
   const int64_t cap = config_.capacity_tokens;
@@ -423,10 +481,7 @@ std::vector<int64_t> ReplayBuffer::add(const AddRequest& r) {
   if (r.priorities != nullptr) {
     for (int64_t b = 0; b < n; ++b) {
       const double p = r.priorities[b];
-      if (!std::isfinite(p) || p <= 0.0 || !std::isfinite(tree_value(p))) {
-        throw std::invalid_argument("priority must be finite and > 0, got " + std::to_string(p) +
-                                    " for sequence " + str(b));
-      }
+      check_priority(p, tree_value(p), "priority", " for sequence " + str(b));
     }
   }
   std::vector<int64_t> versions(static_cast<size_t>(n), 0), groups(static_cast<size_t>(n), 0);
@@ -446,6 +501,7 @@ std::vector<int64_t> ReplayBuffer::add(const AddRequest& r) {
   std::vector<int64_t> ids(static_cast<size_t>(n));
   {
     std::lock_guard<std::mutex> lock(mu_);
+    check_add_total_locked(r);
     for (int64_t b = 0; b < n; ++b) {
       const double p = r.priorities != nullptr ? r.priorities[b] : max_priority_;
       if (r.priorities != nullptr) max_priority_ = std::max(max_priority_, p);
@@ -551,6 +607,10 @@ Batch ReplayBuffer::sample(const SampleSpec& spec, const GatherSpec& gather, dou
     // = (P_min / P_i)^beta (Schaul et al. 2016, PER), normalized over the whole buffer.
     const double total = tree_.total();
     const double pmin = tree_.min();
+    if (!(total > 0.0) || !std::isfinite(total)) {
+      throw std::invalid_argument("prioritized sampling: the sum of priorities^alpha is " + std::to_string(total) +
+                                  " (must be finite and > 0)");
+    }
     std::uniform_real_distribution<double> dist(0.0, total);
     for (int64_t k = 0; k < spec.batch_size; ++k) {
       const int64_t leaf = tree_.find_prefix(dist(rng_));
@@ -568,6 +628,10 @@ Batch ReplayBuffer::sample(const SampleSpec& spec, const GatherSpec& gather, dou
       total += v;
       cum[i] = total;
       pmin = std::min(pmin, v);
+    }
+    if (!(total > 0.0) || !std::isfinite(total)) {
+      throw std::invalid_argument("prioritized sampling: the sum of priorities^alpha over the eligible sequences is " +
+                                  std::to_string(total) + " (must be finite and > 0)");
     }
     std::uniform_real_distribution<double> dist(0.0, total);
     for (int64_t k = 0; k < spec.batch_size; ++k) {
@@ -782,14 +846,26 @@ void ReplayBuffer::write_locked(const std::vector<int64_t>& ids, const std::vect
 void ReplayBuffer::update_priorities(const int64_t* ids, const double* priorities, int64_t n, bool ignore_missing) {
   for (int64_t i = 0; i < n; ++i) {
     const double p = priorities[i];
-    if (!std::isfinite(p) || p <= 0.0 || !std::isfinite(tree_value(p))) {
-      throw std::invalid_argument("priorities must be finite and > 0, got " + std::to_string(p) + " at position " +
-                                  str(i));
-    }
+    check_priority(p, tree_value(p), "priorities", " at position " + str(i));
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (!ignore_missing) {
     for (int64_t i = 0; i < n; ++i) check_live_locked(ids[i]);
+  }
+  {
+    // Project the new total (duplicate ids: the last update wins) before changing anything.
+    std::unordered_map<int64_t, double> pending;
+    double total = scaled(tree_.total());
+    for (int64_t i = 0; i < n; ++i) {
+      if (!live_locked(ids[i])) continue;
+      const int64_t leaf = ids[i] & record_mask_;
+      auto it = pending.find(leaf);
+      const double old_value = it != pending.end() ? it->second : tree_.get(leaf);
+      const double value = tree_value(priorities[i]);
+      pending[leaf] = value;
+      total += scaled(value) - scaled(old_value);
+    }
+    if (!(total <= kScaledTotalLimit)) throw_total_overflow("priorities");
   }
   for (int64_t i = 0; i < n; ++i) {
     if (!live_locked(ids[i])) continue;

@@ -263,6 +263,7 @@ class ReplayBuffer {
   void grow_records_locked();
   void append_locked(const AddRequest& r, int64_t b, int64_t version, int64_t group, double priority);
   double tree_value(double priority) const;
+  void check_add_total_locked(const AddRequest& r) const;
   std::vector<int64_t> eligible_ids_locked(bool filter_version, int64_t min_version) const;
   std::vector<std::vector<int64_t>> eligible_groups_locked(const GroupSpec& spec) const;
   void wait_locked(std::unique_lock<std::mutex>& lock, double timeout_s, int64_t need,
