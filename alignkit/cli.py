@@ -43,34 +43,10 @@ def info() -> int:
 
 
 def smoke() -> int:
-    """A short real run of the package: every op on both backends, compared with each other."""
-    import torch
+    """A short real run of every op on both backends (alignkit/smoke.py)."""
+    from alignkit import smoke as _smoke
 
-    import alignkit
-
-    torch.manual_seed(0)
-    batch, length = 8, 64
-    rewards = torch.randn(batch, length)
-    values = torch.randn(batch, length)
-    mask = (torch.rand(batch, length) > 0.2).float()
-    # Triton runs compiled on CUDA when present, else under the interpreter on CPU.
-    triton_device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {}
-    for name in ("cpu", "triton"):
-        device = triton_device if name == "triton" else "cpu"
-        adv, ret = alignkit.gae(
-            rewards.to(device), values.to(device), mask.to(device), 0.99, 0.95, backend=name
-        )
-        adv, ret = adv.cpu(), ret.cpu()
-        results[name] = (adv, ret)
-        print(f"gae[{name:>6}]  advantages mean {adv.mean():+.5f}  returns mean {ret.mean():+.5f}")
-    diff = max((a - b).abs().max().item() for a, b in zip(results["cpu"], results["triton"], strict=True))
-    print(f"gae: max |cpu - triton| = {diff:.2e}")
-    if diff > 1e-4:
-        print("smoke run FAILED: backends disagree", file=sys.stderr)
-        return 1
-    print("smoke run OK")
-    return 0
+    return _smoke.run()
 
 
 def main(argv: list[str] | None = None) -> int:

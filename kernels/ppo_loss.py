@@ -306,7 +306,10 @@ def _value_fwd_kernel(
     old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     ret = tl.load(ret_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     clip = tl.load(params_ptr)
-    vclip = old + tl.minimum(tl.maximum(v - old, -clip), clip)
+    # Inside the clip range vclip is v itself: old + (v - old) would round to a neighbour of v and
+    # count a tie as clipped (and drop its gradient).
+    delta = v - old
+    vclip = tl.where(tl.abs(delta) <= clip, v, old + tl.minimum(tl.maximum(delta, -clip), clip))
     e1 = (v - ret) * (v - ret)
     e2 = (vclip - ret) * (vclip - ret)
     clipped = e2 > e1

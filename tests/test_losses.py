@@ -563,6 +563,20 @@ def test_value_loss_fp64_and_ties(backend):
     assert_close(v.grad, v.detach() / 27, 1e-6, name="d values")
 
 
+def test_value_loss_inside_clip_range_is_never_clipped(backend, backend_device):
+    """old_values a rounding step away from values (old = v + 0.1 in fp32): old + (v - old) would round
+    to a neighbour of v and count a tie as clipped; inside the clip range nothing is clipped."""
+    d = backend_device
+    v = torch.randn(4, 500, device=d).requires_grad_()
+    returns = torch.randn(4, 500, device=d)
+    loss, metrics = value_loss(
+        v, v.detach() + 0.1, returns, torch.ones(4, 500, device=d), clip=0.5, backend=backend
+    )
+    loss.backward()
+    assert float(metrics["vf_clipfrac"]) == 0.0
+    assert_close(v.grad, (v.detach() - returns) / 2000, 1e-6, name="d values")
+
+
 # ----------------------------------------------------------------------------- kl_penalty, agg_loss
 
 

@@ -177,7 +177,8 @@ def _value_row(b, values, old, ret, mask, clip, stats, grad, write_grad):
         v = np.float64(values[b, t])
         r = np.float64(ret[b, t])
         o = np.float64(old[b, t])
-        vclip = o + min(max(v - o, -clip), clip)
+        delta = v - o  # inside the clip range vclip is v itself (no rounding through old + delta)
+        vclip = v if abs(delta) <= clip else o + min(max(delta, -clip), clip)
         e1 = (v - r) * (v - r)
         e2 = (vclip - r) * (vclip - r)
         clipped = e2 > e1
