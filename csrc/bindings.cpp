@@ -370,10 +370,16 @@ PYBIND11_MODULE(_C, m) {
               }
               return const_cast<void*>(a.data());
             };
+            // B * length in int64 without wrapping (a wrapped product could match a small array).
+            int64_t padded_size = 0;
+            if (__builtin_mul_overflow(B, length, &padded_size)) {
+              throw py::value_error("gather_into: " + std::to_string(B) + " rows x length " + std::to_string(length) +
+                                    " overflows int64");
+            }
             alignkit::OutputPointers out;
             for (size_t f = 0; f < token_outs.size(); ++f) {
               out.token_fields.push_back(dest(token_outs[f], numpy_dtype(schema.token_fields[f].dtype),
-                                              padded ? B * length : length, schema.token_fields[f].name));
+                                              padded ? padded_size : length, schema.token_fields[f].name));
             }
             for (size_t f = 0; f < sequence_outs.size(); ++f) {
               out.sequence_fields.push_back(
@@ -381,7 +387,7 @@ PYBIND11_MODULE(_C, m) {
             }
             if (padded) {
               if (!attention_mask) throw py::value_error("gather_into: attention_mask output is required");
-              out.attention_mask = dest(*attention_mask, py::dtype("bool"), B * length, "attention_mask");
+              out.attention_mask = dest(*attention_mask, py::dtype("bool"), padded_size, "attention_mask");
             } else {
               if (!cu_seqlens || !position_ids) throw py::value_error("gather_into: cu_seqlens/position_ids required");
               out.cu_seqlens = dest(*cu_seqlens, py::dtype("int32"), B + 1, "cu_seqlens");

@@ -624,3 +624,80 @@ def test_epoch_seed_counter_is_atomic() -> None:
     for t in threads:
         t.join()
     assert rb._epochs == 2
+
+
+def test_gather_into_length_overflow_and_capacity_are_rejected() -> None:
+    rb = ReplayBuffer([TokenField("tokens", torch.int64)], capacity_tokens=64)
+    for _ in range(4):
+        rb.add(tokens=np.arange(8))
+    ids = np.array([0, 1, 2, 3], np.int64)
+    empty, mask = np.empty(0, np.int64), np.empty(0, bool)
+    # 4 * 2**62 wraps to 0 in int64: this used to match the empty outputs and memset ~2**62 bytes.
+    with pytest.raises(ValueError, match="overflows int64"):
+        rb._core.gather_into(ids, 0, False, None, 2**62, [empty], [], mask, None, None)
+    with pytest.raises(ValueError, match="exceeds capacity_tokens=64"):
+        rb._core.gather_into(
+            ids[:1], 0, False, None, 65, [np.empty((1, 65), np.int64)], [], np.empty((1, 65), bool)
+        )
+    out, m = np.empty((1, 64), np.int64), np.empty((1, 64), bool)
+    rb._core.gather_into(ids[:1], 0, False, None, 64, [out], [], m)  # length == capacity is fine
+    assert out[0, :8].tolist() == list(range(8)) and m.sum() == 8
+
+
+def test_token_budget_huge_lengths_do_not_overflow() -> None:
+    # (count + 1) * 2**62 used to wrap, packing three 2**62-token rows into one 2**62 budget.
+    assert [len(b) for b in token_budget_minibatches([2**62] * 3, 2**62, padded=True)] == [1, 1, 1]
+    assert [len(b) for b in token_budget_minibatches([2**62] * 3, 2**62, padded=False)] == [1, 1, 1]
+    assert [len(b) for b in token_budget_minibatches([2**62, 2**62 - 1], 2**63 - 1)] == [2]
+    with pytest.raises(ValueError, match="does not fit in max_tokens"):
+        token_budget_minibatches([2**62 + 1], 2**62, padded=True)
+
+
+def _crafted_image(n_token_fields=1, capacity=16, first=0, nxt=0, max_priority=1.0, dtype=5, n_seq=None):
+    """A CRC-correct file image with no sequences (or n_seq claimed) and chosen header values."""
+    import struct
+    import zlib
+
+    rng = ReplayBuffer([TokenField("t", torch.int64)], capacity_tokens=16)._core.to_bytes()[32:]
+    o = 4 + 4 + 1 + 4 + 8 + 4 + 8 + 8 * 2 + 8 + 8 + 8 * 2 + 8  # fields, ids/config, up to the RNG
+    rlen = struct.unpack_from("<I", rng, o)[0]
+    rng_state = rng[o + 4 : o + 4 + rlen]
+    pay = struct.pack("<I", n_token_fields)
+    for i in range(n_token_fields):
+        name = b"f%d" % i
+        pay += struct.pack("<I", len(name)) + name + struct.pack("<i", dtype) + bytes(8)
+    pay += struct.pack("<I", 0) + struct.pack("<ii", -1, -1)
+    pay += struct.pack("<qqdQ", capacity, 0, 1.0, 0) + struct.pack("<qqd", first, nxt, max_priority)
+    count = nxt - first if n_seq is None else n_seq
+    pay += struct.pack("<I", len(rng_state)) + rng_state + struct.pack("<qq", count, 0)
+    header = b"AKREPLAY" + struct.pack("<IIQII", 1, 32, len(pay), zlib.crc32(pay), 0x01020304)
+    return header + pay
+
+
+def test_crafted_files_are_rejected_before_allocating(tmp_path) -> None:
+    from alignkit import _ext
+
+    core = _ext.load().ReplayBufferCore
+    assert core.from_bytes(_crafted_image()).config()["capacity_tokens"] == 16  # the image itself is valid
+    # 4096 fields x 2**33 tokens (32 TiB of ring) / 2**40 int64 tokens (8 TiB): rejected, not reserved.
+    with pytest.raises(ValueError, match="more than this machine's memory"):
+        core.from_bytes(_crafted_image(4096, 2**33, dtype=0))
+    with pytest.raises(ValueError, match="more than this machine's memory"):
+        core.from_bytes(_crafted_image(1, 2**40))
+    with pytest.raises(ValueError, match=r"capacity_tokens .* is not in \[1, 2\*\*40\]"):
+        core.from_bytes(_crafted_image(1, 2**41))
+    # ids at the top of int64 would make ++next_id overflow on the next add.
+    with pytest.raises(ValueError, match="implausible ids"):
+        core.from_bytes(_crafted_image(first=2**63 - 1, nxt=2**63 - 1))
+    with pytest.raises(ValueError, match="implausible ids"):
+        core.from_bytes(_crafted_image(first=5, nxt=4, n_seq=0))
+    for p in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="max_priority must be finite and > 0"):
+            core.from_bytes(_crafted_image(max_priority=p))
+    # Counters that disagree with the payload length are caught before the ring is built.
+    with pytest.raises(ValueError, match="inconsistent counters|payload"):
+        core.from_bytes(_crafted_image(first=0, nxt=2))
+    path = tmp_path / "ids.akrb"
+    path.write_bytes(_crafted_image(first=2**63 - 1, nxt=2**63 - 1))
+    with pytest.raises(ValueError, match="implausible ids"):
+        ReplayBuffer.load(path)

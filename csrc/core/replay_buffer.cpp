@@ -1,5 +1,6 @@
 #include "core/replay_buffer.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -203,6 +204,9 @@ constexpr char kMagic[8] = {'A', 'K', 'R', 'E', 'P', 'L', 'A', 'Y'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kHeaderBytes = 32;
 constexpr uint32_t kEndianMarker = 0x01020304u;
+constexpr int64_t kMaxCapacityTokens = int64_t{1} << 40;
+// Ids loaded from a file leave at least 2**40 ids of headroom so ++next_id_ cannot overflow.
+constexpr int64_t kMaxLoadedId = std::numeric_limits<int64_t>::max() - (int64_t{1} << 40);
 
 }  // namespace
 
@@ -501,6 +505,9 @@ std::vector<int64_t> ReplayBuffer::add(const AddRequest& r) {
   std::vector<int64_t> ids(static_cast<size_t>(n));
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (n > std::numeric_limits<int64_t>::max() - next_id_) {
+      throw std::invalid_argument("add: sequence ids exhausted (next id " + str(next_id_) + ")");
+    }
     check_add_total_locked(r);
     for (int64_t b = 0; b < n; ++b) {
       const double p = r.priorities != nullptr ? r.priorities[b] : max_priority_;
@@ -748,11 +755,25 @@ void ReplayBuffer::gather_into(const std::vector<int64_t>& ids, const GatherSpec
   for (int64_t id : ids) {
     lengths.push_back(record_locked(id).length);
     max_length = std::max(max_length, lengths.back());
-    total += lengths.back();
+    if (__builtin_add_overflow(total, lengths.back(), &total)) {
+      throw std::invalid_argument("gather_into: the total number of tokens overflows int64");
+    }
   }
+  if (length < 0) throw std::invalid_argument("gather_into: length must be >= 0, got " + str(length));
   if (padded && length < max_length) {
     throw std::invalid_argument("gather_into: padded length " + str(length) + " is shorter than the longest sequence (" +
                                 str(max_length) + ")");
+  }
+  // No stored sequence is longer than the ring, so a longer padded row is only padding (and a huge
+  // one would make B * length overflow in the writers below).
+  if (padded && length > config_.capacity_tokens) {
+    throw std::invalid_argument("gather_into: padded length " + str(length) + " exceeds capacity_tokens=" +
+                                str(config_.capacity_tokens));
+  }
+  int64_t padded_size = 0;
+  if (padded && __builtin_mul_overflow(static_cast<int64_t>(ids.size()), length, &padded_size)) {
+    throw std::invalid_argument("gather_into: " + str(static_cast<int64_t>(ids.size())) + " rows x length " +
+                                str(length) + " overflows int64");
   }
   if (!padded && length != total) {
     throw std::invalid_argument("gather_into: packed length " + str(length) + " != total tokens " + str(total));
@@ -967,6 +988,7 @@ class Reader {
     return std::string(reinterpret_cast<const char*>(p), n);
   }
   bool done() const { return pos_ == size_; }
+  size_t remaining() const { return size_ - pos_; }
 
  private:
   const uint8_t* data_;
@@ -1095,11 +1117,64 @@ std::unique_ptr<ReplayBuffer> ReplayBuffer::deserialize(const uint8_t* data, siz
   const std::string rng_state = r.string();
   const int64_t count = r.pod<int64_t>();
   const int64_t num_tokens = r.pod<int64_t>();
-  auto buf = std::make_unique<ReplayBuffer>(std::move(schema), config);
-  if (first_id < 0 || next_id < first_id || count != next_id - first_id || num_tokens < 0 ||
-      num_tokens > config.capacity_tokens || (config.capacity_sequences > 0 && count > config.capacity_sequences) ||
-      count > num_tokens || !(max_priority > 0.0)) {
+  // Validate everything the file claims before allocating anything from it: the arenas are sized
+  // by capacity_tokens, so a crafted (CRC-correct) file must not be able to reserve terabytes.
+  if (config.capacity_tokens <= 0 || config.capacity_tokens > kMaxCapacityTokens) {
+    throw std::invalid_argument("corrupt replay buffer file: capacity_tokens " + str(config.capacity_tokens) +
+                                " is not in [1, 2**40]");
+  }
+  if (first_id < 0 || next_id < first_id || next_id > kMaxLoadedId) {
+    throw std::invalid_argument("corrupt replay buffer file: implausible ids (first " + str(first_id) + ", next " +
+                                str(next_id) + ")");
+  }
+  if (!std::isfinite(max_priority) || !(max_priority > 0.0)) {
+    throw std::invalid_argument("corrupt replay buffer file: max_priority must be finite and > 0, got " +
+                                std::to_string(max_priority));
+  }
+  if (count != next_id - first_id || num_tokens < 0 || num_tokens > config.capacity_tokens ||
+      config.capacity_sequences < 0 || (config.capacity_sequences > 0 && count > config.capacity_sequences) ||
+      count > num_tokens) {
     throw std::invalid_argument("corrupt replay buffer file: inconsistent counters");
+  }
+  {
+    // The rest of the payload is exactly: (length, priority) per sequence, the per-sequence field
+    // columns, and num_tokens tokens per per-token field. Check it (and the arena total) without overflow.
+    uint64_t row_bytes = 0, token_bytes = 0, arena_bytes = 0, need = 0, part = 0;
+    for (const FieldSpec& f : schema.sequence_fields) row_bytes += static_cast<uint64_t>(dtype_itemsize(f.dtype));
+    for (const FieldSpec& f : schema.token_fields) token_bytes += static_cast<uint64_t>(dtype_itemsize(f.dtype));
+    const auto ucount = static_cast<uint64_t>(count), utokens = static_cast<uint64_t>(num_tokens);
+    bool overflow = __builtin_mul_overflow(token_bytes, static_cast<uint64_t>(config.capacity_tokens), &arena_bytes) ||
+                    arena_bytes > static_cast<uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
+    overflow = overflow || __builtin_mul_overflow(ucount, uint64_t{16} + row_bytes, &need) ||
+               __builtin_mul_overflow(utokens, token_bytes, &part) || __builtin_add_overflow(need, part, &need);
+    if (overflow) {
+      throw std::invalid_argument("corrupt replay buffer file: sizes overflow (capacity_tokens " +
+                                  str(config.capacity_tokens) + ", " + str(static_cast<int64_t>(schema.token_fields.size())) +
+                                  " per-token fields)");
+    }
+    // The constructor reserves arena_bytes up front; a file asking for more than this machine's
+    // physical memory is rejected instead of reserving (overcommitting) it.
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page_size > 0 &&
+        arena_bytes / static_cast<uint64_t>(page_size) > static_cast<uint64_t>(pages)) {
+      throw std::invalid_argument("replay buffer file: capacity_tokens=" + str(config.capacity_tokens) + " x " +
+                                  str(static_cast<int64_t>(schema.token_fields.size())) + " per-token fields needs " +
+                                  std::to_string(arena_bytes) + " bytes of ring, more than this machine's memory (" +
+                                  std::to_string(static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size)) +
+                                  " bytes)");
+    }
+    if (need != r.remaining()) {
+      throw std::invalid_argument("corrupt replay buffer file: " + str(count) + " sequences / " + str(num_tokens) +
+                                  " tokens need " + std::to_string(need) + " more payload bytes, found " +
+                                  std::to_string(r.remaining()));
+    }
+  }
+  std::unique_ptr<ReplayBuffer> buf;
+  try {
+    buf = std::make_unique<ReplayBuffer>(std::move(schema), config);
+  } catch (const std::bad_alloc&) {
+    throw std::invalid_argument("replay buffer file: cannot allocate the ring for capacity_tokens=" +
+                                str(config.capacity_tokens));
   }
   std::vector<int64_t> lengths(static_cast<size_t>(count)), starts(static_cast<size_t>(count));
   std::vector<double> prios(static_cast<size_t>(count));
@@ -1162,6 +1237,15 @@ void ReplayBuffer::save(const std::string& path) {
     std::remove(tmp.c_str());
     throw FileError("cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(e));
   }
+  // Make the rename itself durable: fsync the directory that holds the new entry.
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) throw FileError("cannot open directory '" + dir + "' to sync it: " + std::strerror(errno));
+  const bool synced = ::fsync(dfd) == 0 || errno == EINVAL || errno == ENOTSUP || errno == EROFS;
+  const int derr = errno;
+  ::close(dfd);
+  if (!synced) throw FileError("cannot sync directory '" + dir + "': " + std::strerror(derr));
 }
 
 std::unique_ptr<ReplayBuffer> ReplayBuffer::load(const std::string& path) {

@@ -1,6 +1,7 @@
 #include "core/token_budget.h"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -64,8 +65,9 @@ std::vector<std::vector<int64_t>> first_fit_decreasing(const std::vector<int64_t
   MaxTree tree(std::max<int64_t>(n, 1));
   auto key_of = [&](size_t b) -> int64_t {
     if (!padded) return max_tokens - used[b];
+    // (count + 1) * first[b] <= max_tokens, by division so huge lengths cannot overflow.
     const int64_t count = static_cast<int64_t>(bins[b].size());
-    return (count + 1) * first[b] <= max_tokens ? max_tokens : 0;
+    return first[b] <= max_tokens / (count + 1) ? max_tokens : 0;
   };
   for (int64_t item : order) {
     const int64_t len = lengths[item];
@@ -77,7 +79,9 @@ std::vector<std::vector<int64_t>> first_fit_decreasing(const std::vector<int64_t
       first.push_back(len);
     }
     bins[b].push_back(item);
-    used[b] += len;
+    // Packed: the tree only offers bins with max_tokens - used[b] >= len, so this stays <= max_tokens.
+    // Padded: count * first[b] <= max_tokens bounds it too; saturate anyway rather than overflow.
+    if (__builtin_add_overflow(used[b], len, &used[b])) used[b] = std::numeric_limits<int64_t>::max();
     tree.set(b, key_of(static_cast<size_t>(b)));
   }
   return bins;

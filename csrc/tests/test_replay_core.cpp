@@ -5,12 +5,18 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <memory>
 #include <numeric>
 #include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "core/replay_buffer.h"
 #include "core/sum_tree.h"
@@ -19,6 +25,14 @@
 using namespace alignkit;
 
 static int failures = 0;
+
+// Interpose fsync (the core is linked into this executable) to count directory syncs in save().
+static std::atomic<int> dir_fsyncs{0};
+extern "C" int fsync(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) ++dir_fsyncs;
+  return static_cast<int>(::syscall(SYS_fsync, fd));
+}
 #define CHECK(cond)                                                      \
   do {                                                                   \
     if (!(cond)) {                                                       \
@@ -98,6 +112,102 @@ static void test_ffd() {
   CHECK(padded.size() == 2);
   CHECK(throws<std::invalid_argument>([] { first_fit_decreasing({11}, 10, false); }));
   CHECK(throws<std::invalid_argument>([] { first_fit_decreasing({0}, 10, false); }));
+  // (count + 1) * first must not overflow: three 2**62 rows never share a 2**62-token bin.
+  const int64_t big = int64_t{1} << 62;
+  CHECK(first_fit_decreasing({big, big, big}, big, true).size() == 3);
+  CHECK(first_fit_decreasing({big, big, big}, big, false).size() == 3);
+  CHECK(first_fit_decreasing({big, big, 1}, std::numeric_limits<int64_t>::max(), true).size() == 3);
+  CHECK(first_fit_decreasing({big, big - 1, 1}, std::numeric_limits<int64_t>::max(), false).size() == 2);
+  CHECK(first_fit_decreasing({big, big - 1}, std::numeric_limits<int64_t>::max(), false).size() == 1);
+  CHECK(throws<std::invalid_argument>([&] { first_fit_decreasing({big + 1}, big, true); }));
+}
+
+static void test_gather_into_length_bounds() {
+  auto rb = make(16);
+  for (int i = 0; i < 4; ++i) add_one(*rb, 4, i);
+  GatherSpec padded;
+  std::vector<int32_t> tok(1);
+  std::vector<float> lp(1);
+  std::vector<int64_t> g(4), v(4);
+  std::vector<uint8_t> mask(1);
+  OutputPointers out;
+  out.token_fields = {tok.data(), lp.data()};
+  out.sequence_fields = {g.data(), v.data()};
+  out.attention_mask = mask.data();
+  // 4 * 2**62 wraps to 0: must be rejected before anything is written.
+  CHECK(throws<std::invalid_argument>([&] { rb->gather_into({0, 1, 2, 3}, padded, int64_t{1} << 62, out); }));
+  CHECK(throws<std::invalid_argument>([&] { rb->gather_into({0}, padded, 17, out); }));  // > capacity_tokens
+  CHECK(throws<std::invalid_argument>([&] { rb->gather_into({0}, padded, -1, out); }));
+}
+
+static std::string reheader(std::string image) {
+  // Recompute the payload CRC (bytes 24..27) after editing the payload.
+  auto crc = [](const uint8_t* p, size_t n) {
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; ++i) {
+      c ^= p[i];
+      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+    return c ^ 0xFFFFFFFFu;
+  };
+  const uint32_t c = crc(reinterpret_cast<const uint8_t*>(image.data()) + 32, image.size() - 32);
+  std::memcpy(&image[24], &c, 4);
+  return image;
+}
+
+static void test_crafted_files() {
+  auto rb = make(64);
+  for (int i = 0; i < 3; ++i) add_one(*rb, 4, i);
+  const std::string bytes = rb->to_bytes();
+  CHECK(ReplayBuffer::from_bytes(reheader(bytes))->size() == 3);  // reheader is faithful
+  // Payload layout: 2 token + 2 sequence fields (u32 count; u32 len + name + i32 dtype + 8 pad each),
+  // then i32 group, i32 version, i64 capacity, i64 capacity_sequences, f64 alpha, u64 seed,
+  // i64 first_id, i64 next_id, f64 max_priority.
+  size_t o = 32 + 4 + (4 + 6 + 12) + (4 + 8 + 12) + 4 + (4 + 5 + 12) + (4 + 7 + 12) + 8;
+  const size_t cap_at = o, first_at = o + 32, next_at = o + 40, maxp_at = o + 48;
+  int64_t v = 0;
+  std::memcpy(&v, &bytes[cap_at], 8);
+  CHECK(v == 64);
+  auto with = [&](size_t at, const void* p) {
+    std::string b = bytes;
+    std::memcpy(&b[at], p, 8);
+    return reheader(b);
+  };
+  auto rejected = [&](const std::string& b) {
+    return throws<std::invalid_argument>([&] { ReplayBuffer::from_bytes(b); });
+  };
+  for (int64_t cap : {int64_t{0}, int64_t{-1}, int64_t{1} << 41, std::numeric_limits<int64_t>::max()}) {
+    CHECK(rejected(with(cap_at, &cap)));
+  }
+  const int64_t huge_cap = int64_t{1} << 40;  // 2 fields x 2**40 x 4 bytes: more than any test machine
+  CHECK(rejected(with(cap_at, &huge_cap)));
+  const int64_t top = std::numeric_limits<int64_t>::max();
+  {
+    std::string b = bytes;
+    const int64_t first = top - 3;
+    std::memcpy(&b[first_at], &first, 8);
+    std::memcpy(&b[next_at], &top, 8);
+    CHECK(rejected(reheader(b)));
+  }
+  const int64_t three = 3;
+  CHECK(rejected(with(first_at, &three)));  // first_id 3 == next_id 3 but 3 sequences stored
+  for (double p : {std::numeric_limits<double>::infinity(), std::nan(""), 0.0, -1.0}) {
+    CHECK(rejected(with(maxp_at, &p)));
+  }
+}
+
+static void test_save_syncs_directory() {
+  auto rb = make(64);
+  add_one(*rb, 4, 1);
+  char dir[] = "/tmp/ak-core-save-XXXXXX";
+  CHECK(::mkdtemp(dir) != nullptr);
+  const std::string path = std::string(dir) + "/buf.akrb";
+  const int before = dir_fsyncs.load();
+  rb->save(path);
+  CHECK(dir_fsyncs.load() > before);
+  CHECK(ReplayBuffer::load(path)->size() == 1);
+  std::remove(path.c_str());
+  ::rmdir(dir);
 }
 
 static void test_fifo_wrap_and_gather() {
@@ -270,6 +380,9 @@ int main() {
   test_serialization();
   test_concurrency();
   test_bad_schema();
+  test_gather_into_length_bounds();
+  test_crafted_files();
+  test_save_syncs_directory();
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
