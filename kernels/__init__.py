@@ -7,6 +7,7 @@ through the Triton interpreter (slow; meant for tests and ``backend="triton"`` d
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -25,3 +26,9 @@ except ImportError:  # triton ships for Linux only; the CPU implementations stil
 def interpreter_active() -> bool:
     """Whether Triton kernels defined in this process run under the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s CUDA device current around a launch (Triton launches on the current
+    device: tensors on cuda:1 while cuda:0 is current would be read from the wrong GPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

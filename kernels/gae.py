@@ -23,11 +23,12 @@ A row that fits one chunk skips 1 and 2. Packed rows (``cu_seqlens``) use the sa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_active
+from . import device_guard, interpreter_active
 
 # Largest tile a program scans at once; chunks are whole numbers of tiles.
 BLOCK_GPU = 1024
@@ -80,6 +81,12 @@ def _load_tile(
 
 
 @triton.jit
+def _wide(hi, lo, ACC: tl.constexpr):
+    # A float argument given as fp32 hi + lo (compiled launches type Python floats as fp32): ~48 bits.
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
 def _scalar(value, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # A 0-d tensor of dtype ACC (loop-carried values need a fixed type).
     return tl.max(tl.full([BLOCK], value, ACC), axis=0)
@@ -105,15 +112,20 @@ def _gae_fwd_kernel(
     stride_row,
     n_chunks,
     CHUNK,
-    gamma,
-    lam,
+    gamma_hi,
+    gamma_lo,
+    lam_hi,
+    lam_lo,
     HAS_CARRY: tl.constexpr,
     PACKED: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # 1-D grid: rows x chunks can exceed the 65535 of axis 1
+    row = pid // n_chunks
+    chunk = pid % n_chunks
+    gamma = _wide(gamma_hi, gamma_lo, ACC)
+    lam = _wide(lam_hi, lam_lo, ACC)
     base, length = _row_extent(cu_ptr, row, T, stride_row, PACKED)
     chunk_start = chunk * CHUNK
     if chunk_start < length:
@@ -153,15 +165,20 @@ def _gae_summary_kernel(
     stride_row,
     n_chunks,
     CHUNK,
-    gamma,
-    lam,
+    gamma_hi,
+    gamma_lo,
+    lam_hi,
+    lam_lo,
     PACKED: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Symbolic carries: nv = p nv_in + q (p: coefficient of nv_in), L = cL L_in + eL nv_in + dL.
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # 1-D grid: rows x chunks can exceed the 65535 of axis 1
+    row = pid // n_chunks
+    chunk = pid % n_chunks
+    gamma = _wide(gamma_hi, gamma_lo, ACC)
+    lam = _wide(lam_hi, lam_lo, ACC)
     base, length = _row_extent(cu_ptr, row, T, stride_row, PACKED)
     chunk_start = chunk * CHUNK
     out = summary_ptr + (row * n_chunks + chunk) * 5
@@ -245,11 +262,12 @@ def _gae_carry_kernel(
 
 @triton.jit
 def _discounted_returns_kernel(
-    r_ptr, m_ptr, out_ptr, T, stride_row, gamma, ACC: tl.constexpr, BLOCK: tl.constexpr
+    r_ptr, m_ptr, out_ptr, T, stride_row, gamma_hi, gamma_lo, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     # ret_t = r_t + gamma K_{t+1}, where K_t = m_t ret_t = (gamma m_t) K_{t+1} + m_t r_t: an exclusive
     # affine scan, taken from the maps of position t+1 like NV in GAE. One program per row.
     row = tl.program_id(0).to(tl.int64)
+    gamma = _wide(gamma_hi, gamma_lo, ACC)
     base = row * stride_row
     k = _scalar(0.0, ACC, BLOCK)
     hi = row * 0 + T  # int64 loop variable
@@ -295,60 +313,42 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
+def _split_float(x: float) -> tuple[float, float]:
+    """x as fp32 hi + lo: compiled launches pass Python floats as fp32, fp64 math needs more bits."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
 def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_size):
     chunk, block = _split(rows, length, r.device)
-    if chunk_size is not None:
+    if chunk_size is not None:  # any chunk works: the tile loop clips its last tile at the chunk start
         chunk = chunk_size
-    if chunk % block:
-        raise ValueError(f"chunk_size must be a multiple of the tile size {block}, got {chunk}")
+        block = min(block, triton.next_power_of_2(chunk))
     n_chunks = max(1, triton.cdiv(length, chunk))
     adv = torch.empty(r.shape, dtype=dtype, device=r.device)
     ret = torch.empty(r.shape, dtype=dtype, device=r.device)
     packed = cu is not None
     cu_arg = cu if packed else r  # unused when not packed
     acc = _acc(dtype)
+    scalars = (*_split_float(gamma), *_split_float(lam))
+    grid = (rows * n_chunks,)
     carry = None
-    if n_chunks > 1:
-        summary = torch.empty((rows, n_chunks, 5), dtype=dtype, device=r.device)
-        carry = torch.zeros((rows, n_chunks, 2), dtype=dtype, device=r.device)
-        _gae_summary_kernel[(rows, n_chunks)](
-            r,
-            v,
-            m,
-            summary,
-            cu_arg,
-            length,
-            stride_row,
-            n_chunks,
-            chunk,
-            gamma,
-            lam,
-            PACKED=packed,
-            ACC=acc,
-            BLOCK=block,
-        )
-        _gae_carry_kernel[(rows,)](
-            summary, carry, cu_arg, length, n_chunks, chunk, PACKED=packed, ACC=acc, BLOCK=16
-        )
-    _gae_fwd_kernel[(rows, n_chunks)](
-        r,
-        v,
-        m,
-        adv,
-        ret,
-        carry if carry is not None else r,
-        cu_arg,
-        length,
-        stride_row,
-        n_chunks,
-        chunk,
-        gamma,
-        lam,
-        HAS_CARRY=carry is not None,
-        PACKED=packed,
-        ACC=acc,
-        BLOCK=block,
-    )
+    with device_guard(r):
+        if n_chunks > 1:
+            summary = torch.empty((rows, n_chunks, 5), dtype=dtype, device=r.device)
+            carry = torch.zeros((rows, n_chunks, 2), dtype=dtype, device=r.device)
+            _gae_summary_kernel[grid](
+                r, v, m, summary, cu_arg, length, stride_row, n_chunks, chunk, *scalars,
+                PACKED=packed, ACC=acc, BLOCK=block,
+            )  # fmt: skip
+            _gae_carry_kernel[(rows,)](
+                summary, carry, cu_arg, length, n_chunks, chunk, PACKED=packed, ACC=acc, BLOCK=16
+            )
+        _gae_fwd_kernel[grid](
+            r, v, m, adv, ret, carry if carry is not None else r, cu_arg,
+            length, stride_row, n_chunks, chunk, *scalars,
+            HAS_CARRY=carry is not None, PACKED=packed, ACC=acc, BLOCK=block,
+        )  # fmt: skip
     return adv, ret
 
 
@@ -375,15 +375,18 @@ def gae_packed_fwd(
     dtype: torch.dtype,
     chunk_size: int | None = None,
 ):
-    """(1, N) packed rewards/values/mask and validated ``cu_seqlens`` -> (advantages, returns)."""
+    """(1, N) packed rewards/values/mask and validated ``cu_seqlens`` -> (advantages, returns).
+
+    The longest sequence is read from a CPU copy of ``cu_seqlens`` (pass it on the CPU to avoid a
+    device sync); the kernels get a device copy."""
     r, v, m = rewards.contiguous(), values.contiguous(), _mask_view(mask.contiguous())
-    cu = cu_seqlens.to(device=r.device, dtype=torch.int64).contiguous()
-    rows = cu.numel() - 1
-    max_len = int((cu[1:] - cu[:-1]).max()) if rows > 0 else 0
+    cu_host = cu_seqlens.to(device="cpu", dtype=torch.int64)
+    rows = cu_host.numel() - 1
+    max_len = int((cu_host[1:] - cu_host[:-1]).max()) if rows > 0 else 0
     if r.numel() == 0 or max_len == 0:
-        return torch.zeros(r.shape, dtype=dtype, device=r.device), torch.zeros(
-            r.shape, dtype=dtype, device=r.device
-        )
+        zeros = torch.zeros(r.shape, dtype=dtype, device=r.device)
+        return zeros, zeros.clone()
+    cu = cu_host.to(r.device).contiguous()
     return _launch_gae(r, v, m, cu, rows, max_len, 0, gamma, lam, dtype, chunk_size)
 
 
@@ -393,5 +396,8 @@ def discounted_returns_fwd(rewards, mask, gamma: float, dtype: torch.dtype) -> t
     out = torch.empty(r.shape, dtype=dtype, device=r.device)
     rows, length = r.shape
     if rows and length:
-        _discounted_returns_kernel[(rows,)](r, m, out, length, length, gamma, ACC=_acc(dtype), BLOCK=_block())
+        with device_guard(r):
+            _discounted_returns_kernel[(rows,)](
+                r, m, out, length, length, *_split_float(gamma), ACC=_acc(dtype), BLOCK=_block()
+            )
     return out

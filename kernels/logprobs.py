@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_active
+from . import device_guard, interpreter_active
 
 # Row kernels loop over the vocabulary in tiles of at most this many columns.
 MAX_BLOCK_V_ROW = 4096
@@ -142,10 +142,11 @@ def token_logprobs_fwd(
     logp, ent, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n == 0:
         return logp, ent, lse
-    _token_logprobs_fwd_kernel[(n,)](
-        logits, labels, logp, ent, lse, vocab, logits.stride(0), 1.0 / temperature, ignore_index,
-        BLOCK_V=block_v or _row_block(vocab),
-    )  # fmt: skip
+    with device_guard(logits):
+        _token_logprobs_fwd_kernel[(n,)](
+            logits, labels, logp, ent, lse, vocab, logits.stride(0), 1.0 / temperature, ignore_index,
+            BLOCK_V=block_v or _row_block(vocab),
+        )  # fmt: skip
     return logp, ent, lse
 
 
@@ -168,11 +169,12 @@ def token_logprobs_bwd(
     assert out.shape == logits.shape and out.stride(1) == 1
     if n == 0:
         return out
-    _token_logprobs_bwd_kernel[(n,)](
-        logits, out, labels, lse, ent, g_logp.contiguous(), g_ent.contiguous(),
-        vocab, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
-        BLOCK_V=block_v or _row_block(vocab),
-    )  # fmt: skip
+    with device_guard(logits):
+        _token_logprobs_bwd_kernel[(n,)](
+            logits, out, labels, lse, ent, g_logp.contiguous(), g_ent.contiguous(),
+            vocab, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
+            BLOCK_V=block_v or _row_block(vocab),
+        )  # fmt: skip
     return out
 
 
@@ -274,7 +276,10 @@ def _fused_linear_logprobs_bwd_kernel(
     )
 
 
-def _matmul_configs():
+def _matmul_configs(dtype: torch.dtype = torch.bfloat16) -> list:
+    """Autotune configs for the fused kernels with ``dtype`` operands. The pipelined operand tiles
+    take ``(stages - 1) * (BLOCK_N + BLOCK_V) * BLOCK_H * itemsize`` bytes of shared memory: with fp32
+    operands (64, 256, 64) at 4 stages needs 245,760 B on sm_90 (> 232,448), so fp32 omits it."""
     configs = []
     for bn, bv, bh, warps, stages in [
         (128, 128, 64, 8, 3),
@@ -283,23 +288,37 @@ def _matmul_configs():
         (128, 128, 32, 4, 4),
         (64, 128, 64, 4, 4),
     ]:
+        if dtype == torch.float32 and (bn, bv, bh, stages) == (64, 256, 64, 4):
+            continue
         configs.append(
             triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
         )
     return configs
 
 
-# Compiled (CUDA) launches autotune over a pruned list; the interpreter runs one small config.
-if interpreter_active():
-    _fwd_kernel = _fused_linear_logprobs_fwd_kernel
-    _bwd_kernel = _fused_linear_logprobs_bwd_kernel
-else:  # pragma: no cover - needs a GPU
-    _fwd_kernel = triton.autotune(configs=_matmul_configs(), key=["V", "H", "HAS_BIAS"])(
-        _fused_linear_logprobs_fwd_kernel
-    )
-    _bwd_kernel = triton.autotune(configs=_matmul_configs(), key=["V", "H", "HAS_BIAS"])(
-        _fused_linear_logprobs_bwd_kernel
-    )
+# Compiled (CUDA) launches autotune (the interpreter runs one small config, INTERPRETER_BLOCKS).
+# One autotuner per (kernel, operand dtype, row bucket): fp32 gets its own config list, and the
+# tuned choice is keyed on the rows of the launch bucketed to a power of two in
+# [_MIN_N_BUCKET, _MAX_N_BUCKET] (a config picked on a tiny first call is not reused for large N).
+# The autotuners wrap the same JIT functions, so buckets share compiled kernels.
+_MIN_N_BUCKET = 64
+_MAX_N_BUCKET = 16384
+_AUTOTUNED: dict = {}
+
+
+def _n_bucket(n: int) -> int:
+    return min(max(triton.next_power_of_2(max(n, 1)), _MIN_N_BUCKET), _MAX_N_BUCKET)
+
+
+def _autotuned(kernel, dtype: torch.dtype, n: int):  # pragma: no cover - needs a GPU
+    dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # fp16 shares bf16's list
+    key = (kernel.__name__, dtype, _n_bucket(n))
+    tuner = _AUTOTUNED.get(key)
+    if tuner is None:
+        tuner = triton.autotune(configs=_matmul_configs(dtype), key=["V", "H", "HAS_BIAS"])(kernel)
+        _AUTOTUNED[key] = tuner
+    return tuner
+
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
 _MAX_BLOCK_V = 256  # the largest BLOCK_V of _matmul_configs
@@ -368,10 +387,12 @@ def fused_linear_logprobs_fwd(
         n, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature, split_cols,
     )  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": _dot_precision(hidden.dtype)}
-    if blk:
-        _fused_linear_logprobs_fwd_kernel[(triton.cdiv(n, blk["BLOCK_N"]), splits)](*args, **flags, **blk)
-    else:  # pragma: no cover - autotuned, needs a GPU
-        _fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
+    with device_guard(hidden):
+        if blk:
+            _fused_linear_logprobs_fwd_kernel[(triton.cdiv(n, blk["BLOCK_N"]), splits)](*args, **flags, **blk)
+        else:  # pragma: no cover - autotuned, needs a GPU
+            kernel = _autotuned(_fused_linear_logprobs_fwd_kernel, hidden.dtype, n)
+            kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
     return _combine(m, s, u, z_label, labels, vocab, ignore_index)
 
 
@@ -432,7 +453,6 @@ def fused_linear_logprobs_bwd(
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     chunk_rows = chunk_rows or default_chunk_rows(n, hdim, vocab)
     blk = _blocks(blocks)
-    kernel = _fused_linear_logprobs_bwd_kernel if blocks is not None else _bwd_kernel
     dz_buffer = torch.empty((min(chunk_rows, n), vocab), dtype=hidden.dtype, device=device)
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
@@ -445,14 +465,19 @@ def fused_linear_logprobs_bwd(
             rows, vocab, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
         )  # fmt: skip
         flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": _dot_precision(hidden.dtype)}
-        if blk:
-            kernel[(triton.cdiv(rows, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))](
-                *args, **flags, **blk
-            )
-        else:  # pragma: no cover - autotuned, needs a GPU
-            kernel[
-                lambda meta, r=rows: (triton.cdiv(r, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))
-            ](*args, **flags)
+        with device_guard(hidden):
+            if blk:
+                _fused_linear_logprobs_bwd_kernel[
+                    (triton.cdiv(rows, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))
+                ](*args, **flags, **blk)
+            else:  # pragma: no cover - autotuned, needs a GPU
+                kernel = _autotuned(_fused_linear_logprobs_bwd_kernel, hidden.dtype, rows)
+                kernel[
+                    lambda meta, r=rows: (
+                        triton.cdiv(r, meta["BLOCK_N"]),
+                        triton.cdiv(vocab, meta["BLOCK_V"]),
+                    )
+                ](*args, **flags)
         if d_hidden is not None:
             torch.mm(dz, weight, out=d_hidden[start:stop])
         if d_weight is not None:

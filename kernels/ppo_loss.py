@@ -25,9 +25,12 @@ cannot leak into the loss or the gradients.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from . import device_guard
 
 MAX_BLOCK_T = 1024
 
@@ -109,6 +112,17 @@ def _kl_value_and_grad(d, KL_EST: tl.constexpr):
 
 
 @triton.jit
+def _scalar(hi, mid, lo, DTYPE: tl.constexpr):
+    # A host float passed as three fp32 pieces (see _split): Triton types Python floats as fp32,
+    # so an fp64 scalar is rebuilt exactly in fp64; in fp32 it is the first piece, round(x).
+    # (tl.cast: the interpreter passes the pieces as Python floats.)
+    if DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
+        return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, tl.float32)
+
+
+@triton.jit
 def _policy_token(
     logp,
     old,
@@ -184,11 +198,23 @@ def _ppo_policy_fwd_kernel(
     ref_ptr,
     ent_ptr,  # (B, T) each, read only when HAS_IS / HAS_REF / HAS_ENT
     seq_lr_ptr,  # (B,) GSPO sequence log-ratio, read only when SEQ_RATIO
-    params_ptr,  # (4,) [1 - clip_low, 1 + clip_high, dual_clip, kl_coef] in DTYPE
     partial_ptr,  # (B, NT, POLICY_STATS)
     grad_ptr,  # (B, T) out, written when WRITE_GRAD: is_w dL/dlogp + kl_coef dKL/dlogp (0 where masked)
     T,
     NT,
+    # 1 - clip_low, 1 + clip_high, dual_clip, kl_coef: three fp32 pieces each (_split)
+    lo_0,
+    lo_1,
+    lo_2,
+    hi_0,
+    hi_1,
+    hi_2,
+    dual_0,
+    dual_1,
+    dual_2,
+    kl_0,
+    kl_1,
+    kl_2,
     HAS_IS: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_ENT: tl.constexpr,
@@ -209,10 +235,10 @@ def _ppo_policy_fwd_kernel(
     logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     adv = tl.load(adv_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
-    lo = tl.load(params_ptr)
-    hi = tl.load(params_ptr + 1)
-    dual = tl.load(params_ptr + 2)
-    kl_coef = tl.load(params_ptr + 3)
+    lo = _scalar(lo_0, lo_1, lo_2, DTYPE)
+    hi = _scalar(hi_0, hi_1, hi_2, DTYPE)
+    dual = _scalar(dual_0, dual_1, dual_2, DTYPE)
+    kl_coef = _scalar(kl_0, kl_1, kl_2, DTYPE)
     seq_lr = 0.0
     if SEQ_RATIO:
         seq_lr = tl.load(seq_lr_ptr + row).to(DTYPE)
@@ -255,8 +281,10 @@ def _scale_rows_bwd_kernel(
     row_weight_ptr,  # (B,) grad_output * d loss / d row sum
     dx_ptr,
     dent_ptr,  # (B, T) outputs (dent only when HAS_ENT)
-    params_ptr,  # (1,) [entropy_coef] in DTYPE (a float argument would be rounded to fp32)
     T,
+    ent_coef_0,  # entropy_coef as three fp32 pieces (_split): a plain float would be rounded to fp32
+    ent_coef_1,
+    ent_coef_2,
     HAS_ENT: tl.constexpr,
     DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -272,7 +300,7 @@ def _scale_rows_bwd_kernel(
     tl.store(dx_ptr + base + offs_t, w * g, mask=in_row)
     if HAS_ENT:
         m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
-        ent_coef = tl.load(params_ptr)
+        ent_coef = _scalar(ent_coef_0, ent_coef_1, ent_coef_2, DTYPE)
         dent = tl.where(m != 0, -ent_coef * w, 0.0).to(DTYPE)
         tl.store(dent_ptr + base + offs_t, dent, mask=in_row)
 
@@ -283,11 +311,13 @@ def _value_fwd_kernel(
     old_ptr,
     ret_ptr,
     mask_ptr,  # (B, T)
-    params_ptr,  # (1,) [clip]
     partial_ptr,  # (B, NT, VALUE_STATS)
     grad_ptr,  # (B, T) out when WRITE_GRAD: d max(e1, e2) / dv (0 where masked)
     T,
     NT,
+    clip_0,  # clip as three fp32 pieces (_split)
+    clip_1,
+    clip_2,
     WRITE_GRAD: tl.constexpr,
     DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -305,7 +335,7 @@ def _value_fwd_kernel(
     v = tl.load(v_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     ret = tl.load(ret_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
-    clip = tl.load(params_ptr)
+    clip = _scalar(clip_0, clip_1, clip_2, DTYPE)
     # Inside the clip range vclip is v itself: old + (v - old) would round to a neighbour of v and
     # count a tie as clipped (and drop its gradient).
     delta = v - old
@@ -350,8 +380,22 @@ def _check_rows(*tensors: torch.Tensor) -> None:
         assert t.shape == shape and t.is_contiguous(), (t.shape, shape)
 
 
-def _params(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
+def _split(*values: float) -> tuple[float, ...]:
+    """Each value as three fp32 pieces ``hi, mid, lo`` (``hi = fp32(x)``, ``mid = fp32(x - hi)``,
+    ``lo = x - hi - mid``) for :func:`_scalar`: kernel float arguments, not a device tensor built
+    from host memory (a host-device sync per launch). Triton types a Python float as fp32; the
+    pieces sum back to the fp64 value exactly for 2**-97 < |x| < 2**128 and for 0 / +-inf."""
+    out: list[float] = []
+    for x in values:
+        x = float(x)
+        with np.errstate(over="ignore"):
+            hi = float(np.float32(x))
+        if not np.isfinite(hi):  # inf / nan as given; a finite |x| >= 2**128 overflows fp32 anyway
+            out += [hi, 0.0, 0.0]
+            continue
+        mid = float(np.float32(x - hi))
+        out += [hi, mid, float(np.float32(x - hi - mid))]
+    return tuple(out)
 
 
 def seq_logratio(logp, old_logp, mask, dtype: torch.dtype) -> torch.Tensor:
@@ -360,9 +404,10 @@ def seq_logratio(logp, old_logp, mask, dtype: torch.dtype) -> torch.Tensor:
     B, T = logp.shape
     block, nt = _tiles(T)
     partial = torch.empty((B, nt, 2), dtype=dtype, device=logp.device)
-    _seq_logratio_kernel[(B, nt)](
-        logp, old_logp, _mask_view(mask), partial, T, nt, DTYPE=_triton_dtype(dtype), BLOCK_T=block
-    )
+    with device_guard(logp):
+        _seq_logratio_kernel[(B, nt)](
+            logp, old_logp, _mask_view(mask), partial, T, nt, DTYPE=_triton_dtype(dtype), BLOCK_T=block
+        )
     sums = partial.sum(1)
     return sums[:, 0] / sums[:, 1].clamp(min=1.0)
 
@@ -390,20 +435,21 @@ def policy_fwd(
     _check_rows(logp, old_logp, advantages, mask, *optional)
     B, T = logp.shape
     block, nt = _tiles(T)
-    params = _params([1.0 - clip_low, 1.0 + clip_high, dual_clip or 0.0, kl_coef], dtype, logp.device)
+    scalars = _split(1.0 - clip_low, 1.0 + clip_high, dual_clip or 0.0, kl_coef)
     partial = torch.empty((B, nt, POLICY_STATS), dtype=dtype, device=logp.device)
     grad = torch.empty((B, T), dtype=dtype, device=logp.device) if write_grad else None
-    _ppo_policy_fwd_kernel[(B, nt)](
-        logp, old_logp, advantages, _mask_view(mask),
-        is_weights if is_weights is not None else logp,
-        ref_logp if ref_logp is not None else logp,
-        entropy if entropy is not None else logp,
-        seq_lr if seq_lr is not None else params,
-        params, partial, grad if grad is not None else partial, T, nt,
-        HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
-        HAS_DUAL=dual_clip is not None, SEQ_RATIO=seq_lr is not None, KL_EST=kl_code,
-        WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
-    )  # fmt: skip
+    with device_guard(logp):
+        _ppo_policy_fwd_kernel[(B, nt)](
+            logp, old_logp, advantages, _mask_view(mask),
+            is_weights if is_weights is not None else logp,
+            ref_logp if ref_logp is not None else logp,
+            entropy if entropy is not None else logp,
+            seq_lr if seq_lr is not None else partial,
+            partial, grad if grad is not None else partial, T, nt, *scalars,
+            HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
+            HAS_DUAL=dual_clip is not None, SEQ_RATIO=seq_lr is not None, KL_EST=kl_code,
+            WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+        )  # fmt: skip
     return partial.sum(1), grad
 
 
@@ -423,12 +469,12 @@ def scale_rows_bwd(
     block, nt = _tiles(T)
     dx = torch.empty((B, T), dtype=out_dtype, device=grad.device)
     dent = None if entropy_dtype is None else torch.empty((B, T), dtype=entropy_dtype, device=grad.device)
-    _scale_rows_bwd_kernel[(B, nt)](
-        grad, grad if mask is None else _mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
-        dent if dent is not None else dx,
-        _params([entropy_coef], grad.dtype, grad.device), T,
-        HAS_ENT=dent is not None, DTYPE=_triton_dtype(grad.dtype), BLOCK_T=block,
-    )  # fmt: skip
+    with device_guard(grad):
+        _scale_rows_bwd_kernel[(B, nt)](
+            grad, grad if mask is None else _mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
+            dent if dent is not None else dx, T, *_split(entropy_coef),
+            HAS_ENT=dent is not None, DTYPE=_triton_dtype(grad.dtype), BLOCK_T=block,
+        )  # fmt: skip
     return dx, dent
 
 
@@ -441,11 +487,11 @@ def value_fwd(
     _check_rows(values, old_values, returns, mask)
     B, T = values.shape
     block, nt = _tiles(T)
-    params = _params([clip], dtype, values.device)
     partial = torch.empty((B, nt, VALUE_STATS), dtype=dtype, device=values.device)
     grad = torch.empty((B, T), dtype=dtype, device=values.device) if write_grad else None
-    _value_fwd_kernel[(B, nt)](
-        values, old_values, returns, _mask_view(mask), params, partial, grad if grad is not None else partial,
-        T, nt, WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
-    )  # fmt: skip
+    with device_guard(values):
+        _value_fwd_kernel[(B, nt)](
+            values, old_values, returns, _mask_view(mask), partial, grad if grad is not None else partial,
+            T, nt, *_split(clip), WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+        )  # fmt: skip
     return partial.sum(1), grad

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -32,6 +33,7 @@ from triton.runtime.jit import JITFunction
 from alignkit.kernels import gae, logprobs, ppo_loss
 
 TARGET = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232_448  # shared memory per block on sm_90: a kernel needing more compiles but fails to launch
 MODULES = (gae, logprobs, ppo_loss)
 F32, F64 = tl.float32, tl.float64
 
@@ -75,7 +77,9 @@ def compile_variant(variant: Variant) -> tuple[str, str | None, float]:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION")
-            triton.compile(src, target=TARGET, options=variant.options)
+            compiled = triton.compile(src, target=TARGET, options=variant.options)
+        if compiled.metadata.shared > SMEM_LIMIT:
+            raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory (> {SMEM_LIMIT})")
     except Exception as exc:
         return variant.name, _describe(exc), time.perf_counter() - start
     return variant.name, None, time.perf_counter() - start
@@ -99,6 +103,11 @@ def _ptr(dtype: str) -> str:
 
 
 # ----------------------------------------------------------------------------- gae.py
+
+
+# gamma and lam travel as fp32 hi + lo halves (compiled launches type Python floats as fp32).
+GAMMA = {"gamma_hi": "fp32", "gamma_lo": "fp32"}
+GAE_SCALARS = {**GAMMA, "lam_hi": "fp32", "lam_lo": "fp32"}
 
 
 def gae_variants() -> Iterator[Variant]:
@@ -127,7 +136,7 @@ def gae_variants() -> Iterator[Variant]:
                         "r_ptr": _ptr(r), "v_ptr": _ptr(v), "m_ptr": _ptr(m), "adv_ptr": _ptr(out),
                         "ret_ptr": _ptr(out), "carry_ptr": _ptr(out) if has_carry else _ptr(r), "cu_ptr": cu,
                         **common, "n_chunks": "i32" if has_carry else Const(1), "CHUNK": "i32",
-                        "gamma": "fp32", "lam": "fp32", "HAS_CARRY": Const(has_carry),
+                        **GAE_SCALARS, "HAS_CARRY": Const(has_carry),
                         "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
                     },
                     aligned=("T", "stride_row", "CHUNK"),
@@ -137,8 +146,8 @@ def gae_variants() -> Iterator[Variant]:
                 label,
                 {
                     "r_ptr": _ptr(r), "v_ptr": _ptr(v), "m_ptr": _ptr(m), "summary_ptr": _ptr(out),
-                    "cu_ptr": cu, **common, "n_chunks": "i32", "CHUNK": "i32", "gamma": "fp32",
-                    "lam": "fp32", "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
+                    "cu_ptr": cu, **common, "n_chunks": "i32", "CHUNK": "i32", **GAE_SCALARS,
+                    "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
                 },
                 aligned=("T", "stride_row", "CHUNK"),
             )  # fmt: skip
@@ -165,7 +174,7 @@ def gae_variants() -> Iterator[Variant]:
                     "r_ptr": _ptr(r), "v_ptr": _ptr(r), "m_ptr": "*u8", "adv_ptr": _ptr(out),
                     "ret_ptr": _ptr(out), "carry_ptr": _ptr(r), "cu_ptr": "*i64" if packed else _ptr(r),
                     "T": Const(1), "stride_row": "i32" if packed else Const(1), "n_chunks": Const(1),
-                    "CHUNK": "i32", "gamma": "fp32", "lam": "fp32", "HAS_CARRY": Const(False),
+                    "CHUNK": "i32", **GAE_SCALARS, "HAS_CARRY": Const(False),
                     "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(256),
                 },
                 aligned=("stride_row", "CHUNK"),
@@ -184,7 +193,7 @@ def gae_variants() -> Iterator[Variant]:
             f"{'T=1,' if one else ''}r={r},m={m},ACC={out},BLOCK=1024",
             {
                 "r_ptr": _ptr(r), "m_ptr": _ptr(m), "out_ptr": _ptr(out), "T": length,
-                "stride_row": length, "gamma": "fp32", "ACC": Const(acc), "BLOCK": Const(1024),
+                "stride_row": length, **GAMMA, "ACC": Const(acc), "BLOCK": Const(1024),
             },
         )  # fmt: skip
 
@@ -214,11 +223,13 @@ def logprobs_variants() -> Iterator[Variant]:
                 "stride_xn": "i32", "stride_dxn": "i32", **tail,
             },
         )  # fmt: skip
-    # Fused lm_head kernels: autotuned on CUDA over _matmul_configs(); every config in bf16 (without
-    # bias), then fp32 (DOT_PRECISION="ieee") and fp16 with a bias on the first config.
-    configs = logprobs._matmul_configs()
+    # Fused lm_head kernels: autotuned on CUDA over _matmul_configs(dtype); every config in bf16
+    # (without bias) and in fp32 (DOT_PRECISION="ieee", its own list; the first with a bias), then
+    # fp16 with a bias on the last config. Shared memory is checked against the sm_90 limit.
+    configs = logprobs._matmul_configs(torch.bfloat16)
     cases = [("bf16", False, cfg) for cfg in configs]
-    cases += [("fp32", True, configs[0]), ("fp16", True, configs[-1])]
+    cases += [("fp32", i == 0, cfg) for i, cfg in enumerate(logprobs._matmul_configs(torch.float32))]
+    cases += [("fp16", True, configs[-1])]
     for x, has_bias, cfg in cases:
         # Sizes divisible by 16 (hidden 4096 ...), except fp16, which stands for vocab 50257 / odd H.
         label = ",".join(
@@ -261,9 +272,15 @@ def logprobs_variants() -> Iterator[Variant]:
 # ----------------------------------------------------------------------------- ppo_loss.py
 
 
+def _scalars(*names: str) -> dict[str, str]:
+    # A Python float argument is typed fp32; ppo_loss._split passes each scalar as three of them.
+    return {f"{name}_{i}": "fp32" for name in names for i in range(3)}
+
+
 def ppo_loss_variants() -> Iterator[Variant]:
     # Grid (B, NT) with BLOCK_T = min(next_pow2(T), 1024): NT = 1 (specialised) for T <= 1024;
-    # T = 1 gives BLOCK_T = 1. Statistics, params and the gradient buffer are in DTYPE.
+    # T = 1 gives BLOCK_T = 1. Statistics and the gradient buffer are in DTYPE; each scalar parameter
+    # is three fp32 float arguments (ppo_loss._split).
     # (logp / values dtype, the other inputs' dtype, mask dtype, DTYPE, T and NT, BLOCK_T)
     shapes = {
         "long": ("i32", "i32", 1024),  # T > 1024: several tiles
@@ -295,8 +312,8 @@ def ppo_loss_variants() -> Iterator[Variant]:
                 f"{label},WRITE_GRAD={write_grad}",
                 {
                     "v_ptr": _ptr(x), "old_ptr": _ptr(other), "ret_ptr": _ptr(other), "mask_ptr": _ptr(m),
-                    "params_ptr": _ptr(out), "partial_ptr": _ptr(out), "grad_ptr": _ptr(out), "T": t,
-                    "NT": nt, "WRITE_GRAD": Const(write_grad), "DTYPE": Const(dt), "BLOCK_T": Const(block),
+                    "partial_ptr": _ptr(out), "grad_ptr": _ptr(out), "T": t, "NT": nt, **_scalars("clip"),
+                    "WRITE_GRAD": Const(write_grad), "DTYPE": Const(dt), "BLOCK_T": Const(block),
                 },
                 aligned=("T",),
             )  # fmt: skip
@@ -308,7 +325,7 @@ def ppo_loss_variants() -> Iterator[Variant]:
                 {
                     "grad_ptr": _ptr(out), "mask_ptr": _ptr(m) if has_ent else _ptr(out),
                     "row_weight_ptr": _ptr(out), "dx_ptr": _ptr(x), "dent_ptr": _ptr(other if has_ent else x),
-                    "params_ptr": _ptr(out), "T": t, "HAS_ENT": Const(has_ent), "DTYPE": Const(dt),
+                    "T": t, **_scalars("ent_coef"), "HAS_ENT": Const(has_ent), "DTYPE": Const(dt),
                     "BLOCK_T": Const(block),
                 },
                 aligned=("T",),
@@ -331,8 +348,8 @@ def ppo_loss_variants() -> Iterator[Variant]:
                     "isw_ptr": _ptr(other if flags["HAS_IS"] else x),
                     "ref_ptr": _ptr(other if flags["HAS_REF"] else x),
                     "ent_ptr": _ptr(other if flags["HAS_ENT"] else x),
-                    "seq_lr_ptr": _ptr(out), "params_ptr": _ptr(out), "partial_ptr": _ptr(out),
-                    "grad_ptr": _ptr(out), "T": t, "NT": nt,
+                    "seq_lr_ptr": _ptr(out), "partial_ptr": _ptr(out), "grad_ptr": _ptr(out), "T": t,
+                    "NT": nt, **_scalars("lo", "hi", "dual", "kl"),
                     **{k: Const(v) for k, v in flags.items()}, "DTYPE": Const(dt), "BLOCK_T": Const(block),
                 },
                 aligned=("T",),

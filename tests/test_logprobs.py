@@ -572,3 +572,51 @@ def test_fp64_on_the_triton_backend_takes_the_exact_path():
     got = alignkit.fused_linear_logprobs(hidden, weight, labels, backend="triton")
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, oracle(hidden @ weight.T, labels)[0], rtol=0, atol=1e-12)
+
+
+def test_matmul_configs_fit_sm90_shared_memory():
+    """Pipelined operand tiles take (stages - 1) (BLOCK_N + BLOCK_V) BLOCK_H itemsize bytes of shared
+    memory; every autotune config fits sm_90's 232,448 (fp32's list omits (64, 256, 64) x 4 stages)."""
+    for dtype, itemsize in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):
+        configs = kernels._matmul_configs(dtype)
+        assert configs
+        for cfg in configs:
+            kw = cfg.kwargs
+            smem = (cfg.num_stages - 1) * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_H"] * itemsize
+            assert smem <= 232_448, (dtype, cfg)
+            assert kw["BLOCK_V"] <= kernels._MAX_BLOCK_V
+    assert len(kernels._matmul_configs(torch.float32)) == len(kernels._matmul_configs(torch.bfloat16)) - 1
+
+
+def test_autotune_rows_bucket():
+    """The autotuned choice is keyed on the rows bucketed to a power of two (bounded: no re-tuning
+    per exact N, and a config tuned on a tiny first call is not reused for large N)."""
+    assert kernels._n_bucket(1) == kernels._n_bucket(64) == 64
+    assert kernels._n_bucket(65) == kernels._n_bucket(128) == 128
+    assert kernels._n_bucket(3000) == 4096
+    assert kernels._n_bucket(10**7) == kernels._n_bucket(16384) == 16384
+
+
+def test_kernel_launches_are_device_guarded(monkeypatch):
+    """Every launch runs inside device_guard(<an input>): Triton launches on the current CUDA device."""
+    import contextlib
+
+    guarded = []
+
+    def guard(tensor):
+        guarded.append(tensor.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(kernels, "device_guard", guard)
+    logits = torch.randn(3, 7)
+    labels = torch.randint(0, 7, (3,))
+    _, ent, lse = kernels.token_logprobs_fwd(logits, labels, 1.0, IGNORE)
+    kernels.token_logprobs_bwd(logits, labels, lse, ent, torch.ones(3), torch.ones(3), 1.0, IGNORE)
+    assert len(guarded) == 2
+    hidden, weight = torch.randn(5, 16), torch.randn(40, 16)
+    labels = torch.randint(0, 40, (5,))
+    _, ent, lse = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
+    kernels.fused_linear_logprobs_bwd(
+        hidden, weight, None, labels, lse, ent, torch.ones(5), torch.ones(5), 1.0, chunk_rows=2
+    )
+    assert len(guarded) == 2 + 1 + 3  # one per backward chunk

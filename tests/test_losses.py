@@ -714,3 +714,61 @@ def test_exported():
     for name in ("ppo_policy_loss", "value_loss", "kl_penalty", "agg_loss"):
         assert name in alignkit.__all__ and callable(getattr(alignkit, name))
     assert math.isfinite(float(agg_loss(torch.ones(1, 2), torch.ones(1, 2))))
+
+
+# ----------------------------------------------------------------------------- kernel launch details
+
+
+def test_kernel_scalars_are_exact_fp32_pieces():
+    """ppo_loss passes each scalar as three fp32 float arguments (no device tensor, no host-device
+    sync); in fp64 they sum back to the value exactly."""
+    import numpy as np
+
+    from alignkit.kernels import ppo_loss as kernels
+
+    values = [0.0, -0.0, 0.1, 0.8, 1.2, 1.0 - 0.2, 1.0 + 0.28, 3.0, 1e-3, 0.05, -7.3, 1e20, 1e-25, math.inf]
+    pieces = kernels._split(*values)
+    assert len(pieces) == 3 * len(values)
+    for i, x in enumerate(values):
+        hi, mid, lo = pieces[3 * i : 3 * i + 3]
+        assert all(float(np.float32(p)) == p for p in (hi, mid, lo))
+        assert hi == float(np.float32(x))  # what an fp32 kernel uses
+        assert (hi + mid) + lo == x
+
+
+def test_value_loss_fp64_clip_bound_is_exact(backend, backend_device):
+    """|v - old| == clip exactly in fp64 with a clip fp32 cannot represent: inside the clip range,
+    so not clipped (a clip rounded to fp32 or to 48 bits would clip it)."""
+    d = backend_device
+    clip = 0.003  # fp32(clip) + fp32(clip - fp32(clip)) < clip: two fp32 pieces would clip
+    v = torch.full((2, 8), clip, dtype=torch.float64, device=d, requires_grad=True)
+    old = torch.zeros(2, 8, dtype=torch.float64, device=d)
+    returns = torch.full((2, 8), 2 * clip, dtype=torch.float64, device=d)  # e2 > e1 if clipped
+    loss, metrics = value_loss(v, old, returns, torch.ones(2, 8, device=d), clip=clip, backend=backend)
+    loss.backward()
+    assert float(metrics["vf_clipfrac"]) == 0.0
+    assert_close(v.grad, (v.detach() - returns) / 16, 1e-15, name="d values")
+
+
+def test_kernel_launches_are_device_guarded(monkeypatch):
+    """Every ppo_loss launch runs inside device_guard(<an input>) (Triton launches on the current
+    CUDA device, which need not be the inputs')."""
+    import contextlib
+
+    from alignkit.kernels import ppo_loss as kernels
+
+    guarded = []
+
+    def guard(tensor):
+        guarded.append(tensor.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(kernels, "device_guard", guard)
+    for ratio_level in ("token", "sequence"):
+        run_policy(make_policy_inputs(B=2, T=9), "triton", {"ratio_level": ratio_level}, extras=("entropy",))
+    assert len(guarded) == 2 + 3  # policy fwd + scale rows each; GSPO's seq_logratio
+    guarded.clear()
+    v = torch.randn(2, 5, requires_grad=True)
+    loss, _ = value_loss(v, torch.zeros(2, 5), torch.zeros(2, 5), torch.ones(2, 5), backend="triton")
+    loss.backward()
+    assert len(guarded) == 2  # value fwd + scale rows

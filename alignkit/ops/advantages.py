@@ -98,7 +98,8 @@ def gae(
     return adv, ret
 
 
-def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> torch.Tensor:
+def _check_cu_seqlens(cu_seqlens, total: int) -> torch.Tensor:
+    """Validated offsets as a CPU int64 tensor (one device-to-host copy when given on CUDA)."""
     if isinstance(cu_seqlens, (list, tuple)):
         cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)
     cu_seqlens = _checks.tensor(cu_seqlens, "cu_seqlens")
@@ -116,7 +117,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> torch.Ten
         raise ValueError("cu_seqlens must be non-decreasing")
     if host[-1] != total:
         raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(host[-1])}")
-    return host.to(device)
+    return host
 
 
 def gae_packed(
@@ -146,7 +147,7 @@ def gae_packed(
     _no_grad_inputs("gae_packed", rewards=rewards, values=values)
     gamma = _checks.unit_interval(gamma, "gamma")
     lam = _checks.unit_interval(lam, "lam")
-    cu = _check_cu_seqlens(cu_seqlens, rewards2.shape[1], rewards.device)
+    cu = _check_cu_seqlens(cu_seqlens, rewards2.shape[1])
     dtype = _checks.accumulation_dtype(rewards, values)
     values2, mask2 = values.reshape(1, -1), mask.reshape(1, -1)
     if _backend.resolve(backend, rewards.device) == "triton":
@@ -158,7 +159,7 @@ def gae_packed(
             _to_numpy(rewards2, dtype),
             _to_numpy(values2, dtype),
             _to_numpy(mask2, dtype),
-            cu.cpu().numpy(),
+            cu.numpy(),
             gamma,
             lam,
         )
