@@ -23,12 +23,12 @@ A row that fits one chunk skips 1 and 2. Packed rows (``cu_seqlens``) use the sa
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from . import device_guard, interpreter_active
+from .scalars import join_float, split_float
 
 # Largest tile a program scans at once; chunks are whole numbers of tiles.
 BLOCK_GPU = 1024
@@ -81,12 +81,6 @@ def _load_tile(
 
 
 @triton.jit
-def _wide(hi, lo, ACC: tl.constexpr):
-    # A float argument given as fp32 hi + lo (compiled launches type Python floats as fp32): ~48 bits.
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
-
-
-@triton.jit
 def _scalar(value, ACC: tl.constexpr, BLOCK: tl.constexpr):
     # A 0-d tensor of dtype ACC (loop-carried values need a fixed type).
     return tl.max(tl.full([BLOCK], value, ACC), axis=0)
@@ -112,10 +106,12 @@ def _gae_fwd_kernel(
     stride_row,
     n_chunks,
     CHUNK,
-    gamma_hi,
-    gamma_lo,
-    lam_hi,
-    lam_lo,
+    gamma_0,  # gamma and lam as three fp32 pieces each (scalars.split_float)
+    gamma_1,
+    gamma_2,
+    lam_0,
+    lam_1,
+    lam_2,
     HAS_CARRY: tl.constexpr,
     PACKED: tl.constexpr,
     ACC: tl.constexpr,
@@ -124,8 +120,8 @@ def _gae_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid: rows x chunks can exceed the 65535 of axis 1
     row = pid // n_chunks
     chunk = pid % n_chunks
-    gamma = _wide(gamma_hi, gamma_lo, ACC)
-    lam = _wide(lam_hi, lam_lo, ACC)
+    gamma = join_float(gamma_0, gamma_1, gamma_2, ACC)
+    lam = join_float(lam_0, lam_1, lam_2, ACC)
     base, length = _row_extent(cu_ptr, row, T, stride_row, PACKED)
     chunk_start = chunk * CHUNK
     if chunk_start < length:
@@ -165,10 +161,12 @@ def _gae_summary_kernel(
     stride_row,
     n_chunks,
     CHUNK,
-    gamma_hi,
-    gamma_lo,
-    lam_hi,
-    lam_lo,
+    gamma_0,  # gamma and lam as three fp32 pieces each (scalars.split_float)
+    gamma_1,
+    gamma_2,
+    lam_0,
+    lam_1,
+    lam_2,
     PACKED: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -177,8 +175,8 @@ def _gae_summary_kernel(
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid: rows x chunks can exceed the 65535 of axis 1
     row = pid // n_chunks
     chunk = pid % n_chunks
-    gamma = _wide(gamma_hi, gamma_lo, ACC)
-    lam = _wide(lam_hi, lam_lo, ACC)
+    gamma = join_float(gamma_0, gamma_1, gamma_2, ACC)
+    lam = join_float(lam_0, lam_1, lam_2, ACC)
     base, length = _row_extent(cu_ptr, row, T, stride_row, PACKED)
     chunk_start = chunk * CHUNK
     out = summary_ptr + (row * n_chunks + chunk) * 5
@@ -262,12 +260,12 @@ def _gae_carry_kernel(
 
 @triton.jit
 def _discounted_returns_kernel(
-    r_ptr, m_ptr, out_ptr, T, stride_row, gamma_hi, gamma_lo, ACC: tl.constexpr, BLOCK: tl.constexpr
+    r_ptr, m_ptr, out_ptr, T, stride_row, gamma_0, gamma_1, gamma_2, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     # ret_t = r_t + gamma K_{t+1}, where K_t = m_t ret_t = (gamma m_t) K_{t+1} + m_t r_t: an exclusive
     # affine scan, taken from the maps of position t+1 like NV in GAE. One program per row.
     row = tl.program_id(0).to(tl.int64)
-    gamma = _wide(gamma_hi, gamma_lo, ACC)
+    gamma = join_float(gamma_0, gamma_1, gamma_2, ACC)
     base = row * stride_row
     k = _scalar(0.0, ACC, BLOCK)
     hi = row * 0 + T  # int64 loop variable
@@ -313,12 +311,6 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-def _split_float(x: float) -> tuple[float, float]:
-    """x as fp32 hi + lo: compiled launches pass Python floats as fp32, fp64 math needs more bits."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
 def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_size):
     chunk, block = _split(rows, length, r.device)
     if chunk_size is not None:  # any chunk works: the tile loop clips its last tile at the chunk start
@@ -330,7 +322,7 @@ def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_
     packed = cu is not None
     cu_arg = cu if packed else r  # unused when not packed
     acc = _acc(dtype)
-    scalars = (*_split_float(gamma), *_split_float(lam))
+    scalars = split_float(gamma, lam)
     grid = (rows * n_chunks,)
     carry = None
     with device_guard(r):
@@ -398,6 +390,6 @@ def discounted_returns_fwd(rewards, mask, gamma: float, dtype: torch.dtype) -> t
     if rows and length:
         with device_guard(r):
             _discounted_returns_kernel[(rows,)](
-                r, m, out, length, length, *_split_float(gamma), ACC=_acc(dtype), BLOCK=_block()
+                r, m, out, length, length, *split_float(gamma), ACC=_acc(dtype), BLOCK=_block()
             )
     return out

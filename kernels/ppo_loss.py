@@ -25,12 +25,12 @@ cannot leak into the loss or the gradients.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from . import device_guard
+from .scalars import join_float, split_float
 
 MAX_BLOCK_T = 1024
 
@@ -109,17 +109,6 @@ def _kl_value_and_grad(d, KL_EST: tl.constexpr):
         inside = (-d >= -20.0) & (-d <= 20.0) & (y <= 10.0)
         dkl = tl.where(inside, -_expm1(x), 0.0).to(d.dtype)
     return kl, dkl
-
-
-@triton.jit
-def _scalar(hi, mid, lo, DTYPE: tl.constexpr):
-    # A host float passed as three fp32 pieces (see _split): Triton types Python floats as fp32,
-    # so an fp64 scalar is rebuilt exactly in fp64; in fp32 it is the first piece, round(x).
-    # (tl.cast: the interpreter passes the pieces as Python floats.)
-    if DTYPE == tl.float64:  # noqa: SIM300 (a constexpr, not a constant)
-        return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
-    else:
-        return tl.cast(hi, tl.float32)
 
 
 @triton.jit
@@ -202,7 +191,7 @@ def _ppo_policy_fwd_kernel(
     grad_ptr,  # (B, T) out, written when WRITE_GRAD: is_w dL/dlogp + kl_coef dKL/dlogp (0 where masked)
     T,
     NT,
-    # 1 - clip_low, 1 + clip_high, dual_clip, kl_coef: three fp32 pieces each (_split)
+    # 1 - clip_low, 1 + clip_high, dual_clip, kl_coef: three fp32 pieces each (scalars.split_float)
     lo_0,
     lo_1,
     lo_2,
@@ -235,10 +224,10 @@ def _ppo_policy_fwd_kernel(
     logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     adv = tl.load(adv_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
-    lo = _scalar(lo_0, lo_1, lo_2, DTYPE)
-    hi = _scalar(hi_0, hi_1, hi_2, DTYPE)
-    dual = _scalar(dual_0, dual_1, dual_2, DTYPE)
-    kl_coef = _scalar(kl_0, kl_1, kl_2, DTYPE)
+    lo = join_float(lo_0, lo_1, lo_2, DTYPE)
+    hi = join_float(hi_0, hi_1, hi_2, DTYPE)
+    dual = join_float(dual_0, dual_1, dual_2, DTYPE)
+    kl_coef = join_float(kl_0, kl_1, kl_2, DTYPE)
     seq_lr = 0.0
     if SEQ_RATIO:
         seq_lr = tl.load(seq_lr_ptr + row).to(DTYPE)
@@ -282,7 +271,7 @@ def _scale_rows_bwd_kernel(
     dx_ptr,
     dent_ptr,  # (B, T) outputs (dent only when HAS_ENT)
     T,
-    ent_coef_0,  # entropy_coef as three fp32 pieces (_split): a plain float would be rounded to fp32
+    ent_coef_0,  # entropy_coef as three fp32 pieces (scalars.split_float)
     ent_coef_1,
     ent_coef_2,
     HAS_ENT: tl.constexpr,
@@ -300,7 +289,7 @@ def _scale_rows_bwd_kernel(
     tl.store(dx_ptr + base + offs_t, w * g, mask=in_row)
     if HAS_ENT:
         m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
-        ent_coef = _scalar(ent_coef_0, ent_coef_1, ent_coef_2, DTYPE)
+        ent_coef = join_float(ent_coef_0, ent_coef_1, ent_coef_2, DTYPE)
         dent = tl.where(m != 0, -ent_coef * w, 0.0).to(DTYPE)
         tl.store(dent_ptr + base + offs_t, dent, mask=in_row)
 
@@ -315,7 +304,7 @@ def _value_fwd_kernel(
     grad_ptr,  # (B, T) out when WRITE_GRAD: d max(e1, e2) / dv (0 where masked)
     T,
     NT,
-    clip_0,  # clip as three fp32 pieces (_split)
+    clip_0,  # clip as three fp32 pieces (scalars.split_float)
     clip_1,
     clip_2,
     WRITE_GRAD: tl.constexpr,
@@ -335,7 +324,7 @@ def _value_fwd_kernel(
     v = tl.load(v_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     ret = tl.load(ret_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
-    clip = _scalar(clip_0, clip_1, clip_2, DTYPE)
+    clip = join_float(clip_0, clip_1, clip_2, DTYPE)
     # Inside the clip range vclip is v itself: old + (v - old) would round to a neighbour of v and
     # count a tie as clipped (and drop its gradient).
     delta = v - old
@@ -380,24 +369,6 @@ def _check_rows(*tensors: torch.Tensor) -> None:
         assert t.shape == shape and t.is_contiguous(), (t.shape, shape)
 
 
-def _split(*values: float) -> tuple[float, ...]:
-    """Each value as three fp32 pieces ``hi, mid, lo`` (``hi = fp32(x)``, ``mid = fp32(x - hi)``,
-    ``lo = x - hi - mid``) for :func:`_scalar`: kernel float arguments, not a device tensor built
-    from host memory (a host-device sync per launch). Triton types a Python float as fp32; the
-    pieces sum back to the fp64 value exactly for 2**-97 < |x| < 2**128 and for 0 / +-inf."""
-    out: list[float] = []
-    for x in values:
-        x = float(x)
-        with np.errstate(over="ignore"):
-            hi = float(np.float32(x))
-        if not np.isfinite(hi):  # inf / nan as given; a finite |x| >= 2**128 overflows fp32 anyway
-            out += [hi, 0.0, 0.0]
-            continue
-        mid = float(np.float32(x - hi))
-        out += [hi, mid, float(np.float32(x - hi - mid))]
-    return tuple(out)
-
-
 def seq_logratio(logp, old_logp, mask, dtype: torch.dtype) -> torch.Tensor:
     """GSPO's per-row ``s = sum_t(m lr) / max(sum_t m, 1)``: (B,) in ``dtype``."""
     _check_rows(logp, old_logp, mask)
@@ -435,7 +406,7 @@ def policy_fwd(
     _check_rows(logp, old_logp, advantages, mask, *optional)
     B, T = logp.shape
     block, nt = _tiles(T)
-    scalars = _split(1.0 - clip_low, 1.0 + clip_high, dual_clip or 0.0, kl_coef)
+    scalars = split_float(1.0 - clip_low, 1.0 + clip_high, dual_clip or 0.0, kl_coef)
     partial = torch.empty((B, nt, POLICY_STATS), dtype=dtype, device=logp.device)
     grad = torch.empty((B, T), dtype=dtype, device=logp.device) if write_grad else None
     with device_guard(logp):
@@ -472,7 +443,7 @@ def scale_rows_bwd(
     with device_guard(grad):
         _scale_rows_bwd_kernel[(B, nt)](
             grad, grad if mask is None else _mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
-            dent if dent is not None else dx, T, *_split(entropy_coef),
+            dent if dent is not None else dx, T, *split_float(entropy_coef),
             HAS_ENT=dent is not None, DTYPE=_triton_dtype(grad.dtype), BLOCK_T=block,
         )  # fmt: skip
     return dx, dent
@@ -492,6 +463,6 @@ def value_fwd(
     with device_guard(values):
         _value_fwd_kernel[(B, nt)](
             values, old_values, returns, _mask_view(mask), partial, grad if grad is not None else partial,
-            T, nt, *_split(clip), WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+            T, nt, *split_float(clip), WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
         )  # fmt: skip
     return partial.sum(1), grad

@@ -105,11 +105,6 @@ def _ptr(dtype: str) -> str:
 # ----------------------------------------------------------------------------- gae.py
 
 
-# gamma and lam travel as fp32 hi + lo halves (compiled launches type Python floats as fp32).
-GAMMA = {"gamma_hi": "fp32", "gamma_lo": "fp32"}
-GAE_SCALARS = {**GAMMA, "lam_hi": "fp32", "lam_lo": "fp32"}
-
-
 def gae_variants() -> Iterator[Variant]:
     # _launch_gae: outputs, summary and carry in the accumulation dtype (fp64 iff an input is fp64);
     # without cu_seqlens the cu pointer is rewards; without a carry, n_chunks == 1 (specialised) and
@@ -136,7 +131,7 @@ def gae_variants() -> Iterator[Variant]:
                         "r_ptr": _ptr(r), "v_ptr": _ptr(v), "m_ptr": _ptr(m), "adv_ptr": _ptr(out),
                         "ret_ptr": _ptr(out), "carry_ptr": _ptr(out) if has_carry else _ptr(r), "cu_ptr": cu,
                         **common, "n_chunks": "i32" if has_carry else Const(1), "CHUNK": "i32",
-                        **GAE_SCALARS, "HAS_CARRY": Const(has_carry),
+                        **_scalars("gamma", "lam"), "HAS_CARRY": Const(has_carry),
                         "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
                     },
                     aligned=("T", "stride_row", "CHUNK"),
@@ -146,7 +141,7 @@ def gae_variants() -> Iterator[Variant]:
                 label,
                 {
                     "r_ptr": _ptr(r), "v_ptr": _ptr(v), "m_ptr": _ptr(m), "summary_ptr": _ptr(out),
-                    "cu_ptr": cu, **common, "n_chunks": "i32", "CHUNK": "i32", **GAE_SCALARS,
+                    "cu_ptr": cu, **common, "n_chunks": "i32", "CHUNK": "i32", **_scalars("gamma", "lam"),
                     "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(block),
                 },
                 aligned=("T", "stride_row", "CHUNK"),
@@ -174,7 +169,7 @@ def gae_variants() -> Iterator[Variant]:
                     "r_ptr": _ptr(r), "v_ptr": _ptr(r), "m_ptr": "*u8", "adv_ptr": _ptr(out),
                     "ret_ptr": _ptr(out), "carry_ptr": _ptr(r), "cu_ptr": "*i64" if packed else _ptr(r),
                     "T": Const(1), "stride_row": "i32" if packed else Const(1), "n_chunks": Const(1),
-                    "CHUNK": "i32", **GAE_SCALARS, "HAS_CARRY": Const(False),
+                    "CHUNK": "i32", **_scalars("gamma", "lam"), "HAS_CARRY": Const(False),
                     "PACKED": Const(packed), "ACC": Const(acc), "BLOCK": Const(256),
                 },
                 aligned=("stride_row", "CHUNK"),
@@ -193,7 +188,7 @@ def gae_variants() -> Iterator[Variant]:
             f"{'T=1,' if one else ''}r={r},m={m},ACC={out},BLOCK=1024",
             {
                 "r_ptr": _ptr(r), "m_ptr": _ptr(m), "out_ptr": _ptr(out), "T": length,
-                "stride_row": length, **GAMMA, "ACC": Const(acc), "BLOCK": Const(1024),
+                "stride_row": length, **_scalars("gamma"), "ACC": Const(acc), "BLOCK": Const(1024),
             },
         )  # fmt: skip
 
@@ -273,14 +268,14 @@ def logprobs_variants() -> Iterator[Variant]:
 
 
 def _scalars(*names: str) -> dict[str, str]:
-    # A Python float argument is typed fp32; ppo_loss._split passes each scalar as three of them.
+    # A Python float argument is typed fp32; scalars.split_float passes each scalar as three of them.
     return {f"{name}_{i}": "fp32" for name in names for i in range(3)}
 
 
 def ppo_loss_variants() -> Iterator[Variant]:
     # Grid (B, NT) with BLOCK_T = min(next_pow2(T), 1024): NT = 1 (specialised) for T <= 1024;
     # T = 1 gives BLOCK_T = 1. Statistics and the gradient buffer are in DTYPE; each scalar parameter
-    # is three fp32 float arguments (ppo_loss._split).
+    # is three fp32 float arguments (scalars.split_float).
     # (logp / values dtype, the other inputs' dtype, mask dtype, DTYPE, T and NT, BLOCK_T)
     shapes = {
         "long": ("i32", "i32", 1024),  # T > 1024: several tiles

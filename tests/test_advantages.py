@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -272,11 +271,3 @@ def test_gae_gpu_large_against_float64(batch, length, dtype):
     torch.testing.assert_close(
         rets, alignkit.discounted_returns(r.to(dtype).double(), m, 0.99, backend="cpu"), rtol=1e-4, atol=1e-3
     )
-
-
-@pytest.mark.parametrize("x", [0.99, 0.95, 1.0, 0.0, 1 / 3, 0.999999999])
-def test_float_arguments_keep_fp64_precision_through_fp32_halves(x):
-    """Compiled launches type Python floats as fp32; gamma and lam travel as fp32 hi + lo."""
-    hi, lo = gae_kernels._split_float(x)
-    assert float(np.float32(hi)) == hi and float(np.float32(lo)) == lo
-    assert abs((hi + lo) - x) <= 1e-14

@@ -720,14 +720,14 @@ def test_exported():
 
 
 def test_kernel_scalars_are_exact_fp32_pieces():
-    """ppo_loss passes each scalar as three fp32 float arguments (no device tensor, no host-device
+    """Kernels take each scalar as three fp32 float arguments (no device tensor, no host-device
     sync); in fp64 they sum back to the value exactly."""
     import numpy as np
 
-    from alignkit.kernels import ppo_loss as kernels
+    from alignkit.kernels import scalars
 
     values = [0.0, -0.0, 0.1, 0.8, 1.2, 1.0 - 0.2, 1.0 + 0.28, 3.0, 1e-3, 0.05, -7.3, 1e20, 1e-25, math.inf]
-    pieces = kernels._split(*values)
+    pieces = scalars.split_float(*values)
     assert len(pieces) == 3 * len(values)
     for i, x in enumerate(values):
         hi, mid, lo = pieces[3 * i : 3 * i + 3]
