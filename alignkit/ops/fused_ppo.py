@@ -32,6 +32,7 @@ from .. import _checks
 from .. import backend as _backend
 from ..cpu import logprobs as _cpu_logprobs
 from ..cpu import losses as _cpu_losses
+from . import logprobs as _logprobs
 from . import losses as _losses
 
 _backend.register_op("fused_linear_ppo_loss")
@@ -234,40 +235,10 @@ def fused_linear_ppo_loss(
     entropy of the policy) always present.
     """
     hidden = _checks.float_tensor(hidden, "hidden", ndim=3)
-    weight = _checks.float_tensor(weight, "weight", ndim=2)
-    if weight.shape[1] != hidden.shape[2] or weight.shape[0] < 1:
-        raise ValueError(
-            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[2]} and V >= 1, "
-            f"got {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    _checks.same_device(weight, "weight", hidden, "hidden")
-    if bias is not None:
-        bias = _checks.float_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != weight.shape[0] or bias.dtype != hidden.dtype:
-            raise ValueError(
-                f"bias must be ({weight.shape[0]},) in hidden's dtype {hidden.dtype}, got "
-                f"{tuple(bias.shape)} {bias.dtype}"
-            )
-        _checks.same_device(bias, "bias", hidden, "hidden")
-    labels = _checks.tensor(labels, "labels")
-    if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"labels must have the shape (B, T) {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
-        )
-    _checks.same_device(labels, "labels", hidden, "hidden")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if labels.device.type == "cpu":
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, "
-                f"got {int(labels[bad][0])}"
-            )
+    weight, bias = _logprobs._check_lm_head(hidden, weight, bias)
+    labels = _logprobs._check_labels(labels, hidden.shape[:2], "(B, T) of hidden", hidden)
+    ignore_index = _logprobs._ignore_index(ignore_index)
+    _logprobs._label_range(labels, weight.shape[0], ignore_index, None)
     old_logp = _losses._like(old_logp, "old_logp", labels, "labels")
     advantages = _losses._like(advantages, "advantages", labels, "labels")
     mask = _checks.mask(mask, "mask", labels, "labels")
@@ -275,10 +246,7 @@ def fused_linear_ppo_loss(
         is_weights = _losses._like(is_weights, "is_weights", labels, "labels")
     if ref_logp is not None:
         ref_logp = _losses._like(ref_logp, "ref_logp", labels, "labels")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _logprobs._check_chunk_size(chunk_size)
     cfg = _losses._policy_config(
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, agg_scale=agg_scale,
         ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,

@@ -130,6 +130,41 @@ def _check_labels(labels: object, shape: torch.Size, shape_name: str, ref: torch
     return labels
 
 
+def _check_lm_head(
+    hidden: torch.Tensor, weight: object, bias: object
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An lm_head ``weight`` (V, H), V >= 1, and optional ``bias`` (V,) that match ``hidden``'s last
+    dimension, dtype and device."""
+    weight = _checks.float_tensor(weight, "weight", ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (V >= 1), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    _checks.same_device(weight, "weight", hidden, "hidden")
+    if bias is not None:
+        bias = _checks.float_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}"
+            )
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        _checks.same_device(bias, "bias", hidden, "hidden")
+    return weight, bias
+
+
+def _check_chunk_size(chunk_size: object) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+
+
 def _ignore_index(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
@@ -239,32 +274,12 @@ def fused_linear_logprobs(
     hidden = _checks.float_tensor(hidden, "hidden")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
-    weight = _checks.float_tensor(weight, "weight", ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] < 1:
-        raise ValueError(f"weight must have at least one row (V >= 1), got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    _checks.same_device(weight, "weight", hidden, "hidden")
+    weight, bias = _check_lm_head(hidden, weight, bias)
     vocab = weight.shape[0]
-    if bias is not None:
-        bias = _checks.float_tensor(bias, "bias", ndim=1)
-        if bias.shape[0] != vocab:
-            raise ValueError(f"bias must have shape ({vocab},) to match weight, got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
-        _checks.same_device(bias, "bias", hidden, "hidden")
     labels = _check_labels(labels, hidden.shape[:-1], "of hidden without its last dimension", hidden)
     temperature = _checks.positive(temperature, "temperature")
     ignore_index = _ignore_index(ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    _check_chunk_size(chunk_size)
     _label_range(labels, vocab, ignore_index, check_labels)
     triton = _use_triton(backend, hidden)
     flat = hidden.reshape(-1, hidden.shape[-1])
