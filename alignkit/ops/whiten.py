@@ -28,27 +28,29 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * m).sum(dim) / m.sum(dim)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Masked variance over all elements; unbiased (``* n / (n - 1)``) by default.
-
-    Raises ValueError when the mask selects fewer than 2 elements (``unbiased``) or none.
-    """
-    x, m = _prepare(x, mask, None)
+def _mean_var(x: torch.Tensor, m: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = m.sum()
     need = 2 if unbiased else 1
     if bool(n < need):  # one host sync: a silent NaN here would poison a whole training step
         raise ValueError(f"mask must select at least {need} elements for a variance, got {int(n)}")
     mean = (x * m).sum() / n
     var = (m * (x - mean) ** 2).sum() / n
-    return var * n / (n - 1) if unbiased else var
+    return mean, var * n / (n - 1) if unbiased else var
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Masked variance over all elements; unbiased (``* n / (n - 1)``) by default.
+
+    Raises ValueError when the mask selects fewer than 2 elements (``unbiased``) or none.
+    """
+    return _mean_var(*_prepare(x, mask, None), unbiased)[1]
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """``(x - mean) * rsqrt(var + 1e-8)`` with masked mean and unbiased masked variance, plus the
     mean back if ``shift_mean=False`` (verl's ``masked_whiten``). Returns x's shape, float32
     (float64 for float64 x). A mask with sum 0 or 1 raises ValueError."""
-    var = masked_var(x, mask)
     xa, m = _prepare(x, mask, None)
-    mean = (xa * m).sum() / m.sum()
+    mean, var = _mean_var(xa, m, unbiased=True)
     out = (xa - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
