@@ -92,9 +92,9 @@ def gae(
         adv = torch.from_numpy(adv_np).to(rewards.device)
         ret = torch.from_numpy(ret_np).to(rewards.device)
     if whiten:
-        from .whiten import masked_whiten
+        from .whiten import whiten_prepared
 
-        adv = masked_whiten(adv, mask)
+        adv = whiten_prepared(adv, mask.to(adv.dtype))
     return adv, ret
 
 

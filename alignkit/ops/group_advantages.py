@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from .whiten import masked_whiten
+from .whiten import whiten_prepared
 
 METHODS = ("grpo", "dr_grpo", "rloo", "reinforce++-baseline")
 
@@ -117,9 +117,10 @@ def group_advantages(
 
     if mask is None:
         if method == "reinforce++-baseline":
-            adv = masked_whiten(adv, torch.ones_like(adv))
+            adv = whiten_prepared(adv, torch.ones_like(adv))
         return adv
-    spread = adv[:, None] * mask.to(acc)
+    m = mask.to(acc)
+    spread = adv[:, None] * m
     if method == "reinforce++-baseline":
-        spread = masked_whiten(spread, mask) * mask.to(acc)
+        spread = whiten_prepared(spread, m) * m
     return spread

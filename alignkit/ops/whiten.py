@@ -50,7 +50,12 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     """``(x - mean) * rsqrt(var + 1e-8)`` with masked mean and unbiased masked variance, plus the
     mean back if ``shift_mean=False`` (verl's ``masked_whiten``). Returns x's shape, float32
     (float64 for float64 x). A mask with sum 0 or 1 raises ValueError."""
-    xa, m = _prepare(x, mask, None)
-    mean, var = _mean_var(xa, m, unbiased=True)
-    out = (xa - mean) * torch.rsqrt(var + 1e-8)
+    return whiten_prepared(*_prepare(x, mask, None), shift_mean)
+
+
+def whiten_prepared(x: torch.Tensor, m: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """:func:`masked_whiten` for inputs other ops already validated: ``x`` and the 0/1 mask ``m`` in
+    one accumulation dtype (skips the argument checks and their device sync)."""
+    mean, var = _mean_var(x, m, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
