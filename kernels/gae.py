@@ -293,7 +293,7 @@ def _block() -> int:
     return BLOCK_INTERPRETER if interpreter_active() else BLOCK_GPU
 
 
-def _split(rows: int, length: int, device: torch.device) -> tuple[int, int]:
+def _chunk_and_tile(rows: int, length: int, device: torch.device) -> tuple[int, int]:
     """(chunk, tile): chunk length per program and the tile it scans at once.
 
     On CUDA, about 4 programs per SM: long rows are cut into power-of-two chunks of at least
@@ -312,7 +312,7 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_size):
-    chunk, block = _split(rows, length, r.device)
+    chunk, block = _chunk_and_tile(rows, length, r.device)
     if chunk_size is not None:  # any chunk works: the tile loop clips its last tile at the chunk start
         chunk = chunk_size
         block = min(block, triton.next_power_of_2(chunk))
