@@ -1,18 +1,28 @@
-"""Input validation and dtype rules shared by the public ops: every message names the argument and
-what it got."""
+"""Input validation and dtype rules shared by the public ops, in one place: every message names the
+argument and what it got. Wrong types raise TypeError, wrong values ValueError."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------- tensors
 
 
 def tensor(x: object, name: str) -> torch.Tensor:
+    """``x`` itself when it is a tensor with storage (not on the meta device)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        got = "None" if x is None else type(x).__name__
+        raise TypeError(f"{name} must be a torch.Tensor, got {got}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} must hold data (a CPU or CUDA tensor), got a tensor on the meta device")
     return x
 
 
@@ -35,6 +45,14 @@ def same_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) ->
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
 
 
+def float_like(x: object, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """A float tensor of ``ref``'s shape and device."""
+    x = float_tensor(x, name)
+    same_shape(x, name, ref, ref_name)
+    same_device(x, name, ref, ref_name)
+    return x
+
+
 def mask(m: object, name: str, ref: torch.Tensor, ref_name: str, check_values: bool = True) -> torch.Tensor:
     """A 0/1 mask of ``ref``'s shape and device (bool, integer or float dtype).
 
@@ -55,14 +73,67 @@ def zero_one(m: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must contain only 0 and 1")
 
 
-def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp64 when any given tensor is fp64, else fp32 (fp16/bf16 inputs accumulate in fp32)."""
-    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
-    return torch.float64 if wide else torch.float32
+def integer_tensor(x: object, name: str) -> torch.Tensor:
+    x = tensor(x, name)
+    if x.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
+    return x
+
+
+def cu_seqlens(value: Any, total: int, name: str = "cu_seqlens") -> torch.Tensor:
+    """Offsets of sequences packed end to end, as a CPU int64 tensor (one device-to-host copy when
+    given on CUDA). The one contract of alignkit: 1-D integers (tensor, NumPy array or list), at
+    least 2 entries, ``[0] == 0``, ``[-1] == total``, strictly increasing (every sequence holds at
+    least one token)."""
+    if isinstance(value, torch.Tensor):
+        value = tensor(value, name)
+        if value.dtype not in INTEGER_DTYPES:
+            raise TypeError(f"{name} must hold integers, got {value.dtype}")
+        host = value.detach().to("cpu", torch.int64)
+    elif isinstance(value, (np.ndarray, list, tuple)):
+        arr = np.asarray(value)
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 2**63:
+            raise ValueError(f"{name} holds an offset beyond int64, got {int(arr.max())}")
+        host = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+    else:
+        got = "None" if value is None else type(value).__name__
+        raise TypeError(f"{name} must be a 1-D integer tensor, NumPy array or list, got {got}")
+    if host.dim() != 1 or host.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 offsets, got shape {tuple(host.shape)}")
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    if int(host[-1]) != total:
+        raise ValueError(f"{name} must end at the packed length {total}, got {int(host[-1])}")
+    steps = host[1:] - host[:-1]
+    if bool((steps <= 0).any()):
+        at = int(torch.nonzero(steps <= 0)[0])
+        raise ValueError(
+            f"{name} must be strictly increasing (every sequence holds at least one token), got "
+            f"{int(host[at])} then {int(host[at + 1])} at index {at}"
+        )
+    return host
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def accumulation_dtype(*tensors: torch.Tensor | torch.dtype | None) -> torch.dtype:
+    """The one accumulation rule: fp64 when any given tensor (or dtype) is fp64, else fp32
+    (fp16 / bf16 / fp32 inputs accumulate in fp32)."""
+    for t in tensors:
+        dtype = t if isinstance(t, torch.dtype) else getattr(t, "dtype", None)
+        if dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------- scalars
 
 
 def _number(value: object, name: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     return float(value)
 
@@ -92,4 +163,53 @@ def positive(value: object, name: str) -> float:
     value = _number(value, name, "a positive float")
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def eps(value: object, name: str = "eps") -> float:
+    """A non-negative finite epsilon (TypeError for a non-number)."""
+    return non_negative(value, name)
+
+
+def integer(value: object, name: str) -> int:
+    """A Python or NumPy integer (bools and integral floats such as 1.5 or 2.0 are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def positive_int(value: object, name: str) -> int:
+    value = integer(value, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def non_negative_int(value: object, name: str) -> int:
+    value = integer(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value}")
+    return value
+
+
+def chunk_size(value: object, name: str = "chunk_size") -> int | None:
+    """None (the op's default) or a positive int."""
+    return None if value is None else positive_int(value, name)
+
+
+def ignore_index(value: object, name: str = "ignore_index") -> int:
+    return integer(value, name)
+
+
+def flag(value: object, name: str) -> bool:
+    """A bool (NumPy bools too); 0/1 ints and other truthy objects are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def choice(value: object, name: str, options) -> str:
+    """``value`` when it is one of the strings ``options``."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
     return value

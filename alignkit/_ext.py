@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 
 # Must equal ALIGNKIT_EXT_ABI in csrc/core/version.h (tests/test_ext.py checks the two agree).
-EXPECTED_ABI = 2
+EXPECTED_ABI = 3
 
 REBUILD_HINT = (
     "Rebuild it from the repository root with `pip install -e .` (offline, in an environment that "

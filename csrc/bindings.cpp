@@ -206,6 +206,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(PyExc_TimeoutError, e.what());
     } catch (const alignkit::FileError& e) {
       PyErr_SetString(PyExc_OSError, e.what());
+    } catch (const alignkit::OutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
     }
   });
 

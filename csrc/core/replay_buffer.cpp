@@ -1,6 +1,7 @@
 #include "core/replay_buffer.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
@@ -72,7 +74,9 @@ const char* dtype_name(DType dtype) {
 
 OwnedBuffer::OwnedBuffer(size_t nbytes) : nbytes_(nbytes) {
   data_ = static_cast<uint8_t*>(std::malloc(nbytes == 0 ? 1 : nbytes));
-  if (data_ == nullptr) throw std::bad_alloc();
+  if (data_ == nullptr) {
+    throw OutOfMemory("replay buffer: out of memory allocating a batch buffer of " + std::to_string(nbytes) + " bytes");
+  }
 }
 OwnedBuffer::~OwnedBuffer() { std::free(data_); }
 OwnedBuffer::OwnedBuffer(OwnedBuffer&& other) noexcept : data_(other.data_), nbytes_(other.nbytes_) {
@@ -102,6 +106,29 @@ uint8_t* OwnedBuffer::release() {
 namespace {
 
 std::string str(int64_t v) { return std::to_string(v); }
+
+// rows * cols * itemsize as a byte count, or OutOfMemory when the product overflows (a batch that
+// large could never be allocated).
+size_t batch_bytes(int64_t rows, int64_t cols, int64_t itemsize) {
+  int64_t n = 0;
+  if (__builtin_mul_overflow(rows, cols, &n) || __builtin_mul_overflow(n, itemsize, &n)) {
+    throw OutOfMemory("replay buffer: a batch of " + str(rows) + " x " + str(cols) + " elements of " + str(itemsize) +
+                      " bytes overflows int64 (it could never be allocated)");
+  }
+  return static_cast<size_t>(n);
+}
+
+// v.reserve(n), with OutOfMemory (saying what for) instead of std::length_error / std::bad_alloc.
+template <typename T>
+void reserve_or_throw(std::vector<T>& v, int64_t n, const std::string& what) {
+  try {
+    v.reserve(static_cast<size_t>(n));
+  } catch (const std::length_error&) {
+    throw OutOfMemory("replay buffer: out of memory reserving " + str(n) + " entries for " + what);
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory("replay buffer: out of memory reserving " + str(n) + " entries for " + what);
+  }
+}
 
 // Fill `count` elements of `itemsize` bytes with the pad value.
 void fill_pad(uint8_t* dst, int64_t count, int64_t itemsize, const PadBytes& pad) {
@@ -204,7 +231,8 @@ constexpr char kMagic[8] = {'A', 'K', 'R', 'E', 'P', 'L', 'A', 'Y'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kHeaderBytes = 32;
 constexpr uint32_t kEndianMarker = 0x01020304u;
-constexpr int64_t kMaxCapacityTokens = int64_t{1} << 40;
+// Smallest ring a first add allocates (capped at capacity_tokens): small buffers grow in few steps.
+constexpr int64_t kMinRingTokens = 4096;
 // Ids loaded from a file leave at least 2**40 ids of headroom so ++next_id_ cannot overflow.
 constexpr int64_t kMaxLoadedId = std::numeric_limits<int64_t>::max() - (int64_t{1} << 40);
 
@@ -218,8 +246,9 @@ ReplayBuffer::ReplayBuffer(Schema schema, BufferConfig config)
   if (config_.capacity_tokens <= 0) {
     throw std::invalid_argument("capacity_tokens must be positive, got " + str(config_.capacity_tokens));
   }
-  if (config_.capacity_tokens > (int64_t{1} << 40)) {
-    throw std::invalid_argument("capacity_tokens must be at most 2**40, got " + str(config_.capacity_tokens));
+  if (config_.capacity_tokens > kMaxCapacityTokens) {
+    throw std::invalid_argument("capacity_tokens must be at most 2**40 (" + str(kMaxCapacityTokens) + "), got " +
+                                str(config_.capacity_tokens));
   }
   if (config_.capacity_sequences < 0) {
     throw std::invalid_argument("capacity_sequences must be >= 0 (0 = unbounded), got " +
@@ -248,10 +277,8 @@ ReplayBuffer::ReplayBuffer(Schema schema, BufferConfig config)
                                   "' must have an integer dtype");
     }
   }
-  for (const FieldSpec& f : schema_.token_fields) {
-    token_itemsize_.push_back(dtype_itemsize(f.dtype));
-    arenas_.emplace_back(new uint8_t[static_cast<size_t>(config_.capacity_tokens * token_itemsize_.back())]);
-  }
+  for (const FieldSpec& f : schema_.token_fields) token_itemsize_.push_back(dtype_itemsize(f.dtype));
+  arenas_.resize(schema_.token_fields.size());  // allocated by the first add (reserve_ring_locked)
   for (const FieldSpec& f : schema_.sequence_fields) {
     seq_itemsize_.push_back(dtype_itemsize(f.dtype));
     seq_row_offset_.push_back(row_bytes_);
@@ -312,7 +339,7 @@ void check_priority(double p, double value, const char* name, const std::string&
 void ReplayBuffer::evict_oldest_locked() {
   const int64_t id = first_id_;
   Record& rec = record_locked(id);
-  head_offset_ = (rec.offset + rec.length) % config_.capacity_tokens;
+  head_offset_ = (rec.offset + rec.length) % ring_tokens_;
   num_tokens_ -= rec.length;
   tree_.set(id & record_mask_, 0.0);
   if (schema_.group_field >= 0) {
@@ -362,16 +389,17 @@ int64_t ReplayBuffer::read_int_field(const uint8_t* src, int64_t b, int32_t fiel
 
 void ReplayBuffer::append_locked(const AddRequest& r, int64_t b, int64_t version, int64_t group,
                                  double priority) {
-  const int64_t cap = config_.capacity_tokens;
   const int64_t len = r.lengths[b];
-  while (num_tokens_ + len > cap || (config_.capacity_sequences > 0 && count_locked() >= config_.capacity_sequences)) {
+  while (num_tokens_ + len > config_.capacity_tokens || (config_.capacity_sequences > 0 && count_locked() >= config_.capacity_sequences)) {
     evict_oldest_locked();
   }
   if (count_locked() > record_mask_) grow_records_locked();
   const int64_t id = next_id_;
-  const int64_t offset = (head_offset_ + num_tokens_) % cap;
+  // reserve_ring_locked made the ring hold every live token of this add: nothing live is overwritten.
+  const int64_t ring = ring_tokens_;
+  const int64_t offset = (head_offset_ + num_tokens_) % ring;
   // Copy each field into the ring: at most two memcpy (the run may wrap past the end).
-  const int64_t first_part = std::min(len, cap - offset);
+  const int64_t first_part = std::min(len, ring - offset);
   for (size_t f = 0; f < arenas_.size(); ++f) {
     const int64_t isz = token_itemsize_[f];
     const uint8_t* src =
@@ -409,12 +437,13 @@ void ReplayBuffer::append_locked(const AddRequest& r, int64_t b, int64_t version
 // add
 
 // Replays the evictions and appends of add(r) on the sum-tree total (nothing is modified) and
-// throws if the total would stop being finite at any step. O(n + evictions).
-void ReplayBuffer::check_add_total_locked(const AddRequest& r) const {
+// throws if the total would stop being finite at any step. Returns the most live tokens the
+// buffer holds during the add (what the rings must hold). O(n + evictions).
+int64_t ReplayBuffer::project_add_locked(const AddRequest& r) const {
   const int64_t n = r.num_sequences;
   const int64_t cap = config_.capacity_tokens;
   double total = scaled(tree_.total());
-  int64_t tokens = num_tokens_, first = first_id_, next = next_id_;
+  int64_t tokens = num_tokens_, first = first_id_, next = next_id_, peak = num_tokens_;
   auto new_value = [&](int64_t b) {
     return tree_value(r.priorities != nullptr ? r.priorities[b] : max_priority_);
   };
@@ -431,10 +460,47 @@ void ReplayBuffer::check_add_total_locked(const AddRequest& r) const {
       ++first;
     }
     tokens += len;
+    peak = std::max(peak, tokens);
     ++next;
     total += scaled(new_value(b));
     if (!(total <= kScaledTotalLimit)) throw_total_overflow("priority");
   }
+  return peak;
+}
+
+// Grows every ring to at least `tokens` (doubling, capped at capacity_tokens) and copies the live
+// tokens to offset 0 of the new rings. All or nothing: OutOfMemory leaves the buffer unchanged.
+// O(live tokens + live sequences); amortized O(1) per added token.
+void ReplayBuffer::reserve_ring_locked(int64_t tokens) {
+  if (tokens <= ring_tokens_) return;
+  const int64_t cap = config_.capacity_tokens;
+  const int64_t doubled = ring_tokens_ > cap / 2 ? cap : 2 * ring_tokens_;
+  const int64_t size = std::min(cap, std::max({tokens, doubled, kMinRingTokens}));
+  std::vector<std::unique_ptr<uint8_t[]>> arenas(arenas_.size());
+  for (size_t f = 0; f < arenas.size(); ++f) {
+    const auto bytes = static_cast<size_t>(size * token_itemsize_[f]);
+    arenas[f].reset(new (std::nothrow) uint8_t[bytes]);
+    if (arenas[f] == nullptr) {
+      throw OutOfMemory("replay buffer: out of memory growing the ring of per-token field '" +
+                        schema_.token_fields[f].name + "' to " + str(size) + " tokens (" +
+                        std::to_string(bytes) + " bytes; capacity_tokens=" + str(cap) + "); the buffer is unchanged");
+    }
+    if (num_tokens_ > 0) {
+      const int64_t isz = token_itemsize_[f];
+      const int64_t first = std::min(num_tokens_, ring_tokens_ - head_offset_);
+      std::memcpy(arenas[f].get(), arenas_[f].get() + head_offset_ * isz, static_cast<size_t>(first * isz));
+      std::memcpy(arenas[f].get() + first * isz, arenas_[f].get(), static_cast<size_t>((num_tokens_ - first) * isz));
+    }
+  }
+  int64_t offset = 0;
+  for (int64_t id = first_id_; id < next_id_; ++id) {
+    Record& rec = record_locked(id);
+    rec.offset = offset;
+    offset += rec.length;
+  }
+  arenas_.swap(arenas);
+  ring_tokens_ = size;
+  head_offset_ = 0;
 }
 
 std::vector<int64_t> ReplayBuffer::add(const AddRequest& r) {
@@ -508,7 +574,7 @@ std::vector<int64_t> ReplayBuffer::add(const AddRequest& r) {
     if (n > std::numeric_limits<int64_t>::max() - next_id_) {
       throw std::invalid_argument("add: sequence ids exhausted (next id " + str(next_id_) + ")");
     }
-    check_add_total_locked(r);
+    reserve_ring_locked(project_add_locked(r));
     for (int64_t b = 0; b < n; ++b) {
       const double p = r.priorities != nullptr ? r.priorities[b] : max_priority_;
       if (r.priorities != nullptr) max_priority_ = std::max(max_priority_, p);
@@ -597,7 +663,10 @@ Batch ReplayBuffer::sample(const SampleSpec& spec, const GatherSpec& gather, dou
 
   std::vector<int64_t> ids;
   std::vector<double> weights;
-  ids.reserve(static_cast<size_t>(spec.batch_size));
+  reserve_or_throw(ids, spec.batch_size, "sample(batch_size=" + str(spec.batch_size) + ")");
+  if (spec.strategy == Strategy::kPrioritized) {
+    reserve_or_throw(weights, spec.batch_size, "sample(batch_size=" + str(spec.batch_size) + ") weights");
+  }
   if (spec.strategy == Strategy::kUniform) {
     std::vector<int64_t> elig;
     if (filter) elig = eligible_ids_locked(true, spec.min_version);
@@ -715,19 +784,19 @@ Batch ReplayBuffer::gather_locked(const std::vector<int64_t>& ids, const GatherS
   }
   OutputPointers out;
   for (size_t f = 0; f < nfields; ++f) {
-    batch.token_fields.emplace_back(static_cast<size_t>((padded ? B : 1) * length * token_itemsize_[f]));
+    batch.token_fields.emplace_back(batch_bytes(padded ? B : 1, length, token_itemsize_[f]));
     out.token_fields.push_back(batch.token_fields.back().data());
   }
   for (size_t f = 0; f < seq_itemsize_.size(); ++f) {
-    batch.sequence_fields.emplace_back(static_cast<size_t>(B * seq_itemsize_[f]));
+    batch.sequence_fields.emplace_back(batch_bytes(B, 1, seq_itemsize_[f]));
     out.sequence_fields.push_back(batch.sequence_fields.back().data());
   }
   if (padded) {
-    batch.attention_mask = OwnedBuffer(static_cast<size_t>(B * length));
+    batch.attention_mask = OwnedBuffer(batch_bytes(B, length, 1));
     out.attention_mask = batch.attention_mask.data();
   } else {
-    batch.cu_seqlens = OwnedBuffer(static_cast<size_t>((B + 1) * 4));
-    batch.position_ids = OwnedBuffer(static_cast<size_t>(length * 8));
+    batch.cu_seqlens = OwnedBuffer(batch_bytes(B + 1, 1, 4));
+    batch.position_ids = OwnedBuffer(batch_bytes(length, 1, 8));
     out.cu_seqlens = batch.cu_seqlens.data();
     out.position_ids = batch.position_ids.data();
   }
@@ -789,12 +858,12 @@ void ReplayBuffer::write_locked(const std::vector<int64_t>& ids, const std::vect
                                 int64_t length, const GatherSpec& spec, const OutputPointers& out) {
   const size_t nfields = schema_.token_fields.size();
   const int64_t B = static_cast<int64_t>(ids.size());
-  const int64_t cap = config_.capacity_tokens;
+  const int64_t ring = ring_tokens_;
   // Copy `len` tokens of field f starting at ring offset `offset` to dst (at most two memcpy).
   auto copy_out = [&](size_t f, int64_t offset, int64_t len, uint8_t* dst) {
     const int64_t isz = token_itemsize_[f];
     const uint8_t* arena = arenas_[f].get();
-    const int64_t first = std::min(len, cap - offset);
+    const int64_t first = std::min(len, ring - offset);
     std::memcpy(dst, arena + offset * isz, static_cast<size_t>(first * isz));
     if (len > first) std::memcpy(dst + first * isz, arena, static_cast<size_t>((len - first) * isz));
   };
@@ -1029,10 +1098,9 @@ void ReplayBuffer::serialize_locked(Writer& w) {
       w.bytes(row_locked(id) + seq_row_offset_[f], static_cast<size_t>(seq_itemsize_[f]));
     }
   }
-  for (size_t f = 0; f < arenas_.size(); ++f) {
+  for (size_t f = 0; f < arenas_.size() && num_tokens_ > 0; ++f) {
     const int64_t isz = token_itemsize_[f];
-    const int64_t cap = config_.capacity_tokens;
-    const int64_t first = std::min(num_tokens_, cap - head_offset_);
+    const int64_t first = std::min(num_tokens_, ring_tokens_ - head_offset_);
     w.bytes(arenas_[f].get() + head_offset_ * isz, static_cast<size_t>(first * isz));
     w.bytes(arenas_[f].get(), static_cast<size_t>((num_tokens_ - first) * isz));
   }
@@ -1117,8 +1185,9 @@ std::unique_ptr<ReplayBuffer> ReplayBuffer::deserialize(const uint8_t* data, siz
   const std::string rng_state = r.string();
   const int64_t count = r.pod<int64_t>();
   const int64_t num_tokens = r.pod<int64_t>();
-  // Validate everything the file claims before allocating anything from it: the arenas are sized
-  // by capacity_tokens, so a crafted (CRC-correct) file must not be able to reserve terabytes.
+  // Validate everything the file claims before allocating anything from it. The rings are
+  // allocated lazily (for the tokens stored, not for capacity_tokens), so a crafted (CRC-correct)
+  // file cannot reserve more memory than its own payload holds.
   if (config.capacity_tokens <= 0 || config.capacity_tokens > kMaxCapacityTokens) {
     throw std::invalid_argument("corrupt replay buffer file: capacity_tokens " + str(config.capacity_tokens) +
                                 " is not in [1, 2**40]");
@@ -1138,44 +1207,21 @@ std::unique_ptr<ReplayBuffer> ReplayBuffer::deserialize(const uint8_t* data, siz
   }
   {
     // The rest of the payload is exactly: (length, priority) per sequence, the per-sequence field
-    // columns, and num_tokens tokens per per-token field. Check it (and the arena total) without overflow.
-    uint64_t row_bytes = 0, token_bytes = 0, arena_bytes = 0, need = 0, part = 0;
+    // columns, and num_tokens tokens per per-token field. Check it without overflow.
+    uint64_t row_bytes = 0, token_bytes = 0, need = 0, part = 0;
     for (const FieldSpec& f : schema.sequence_fields) row_bytes += static_cast<uint64_t>(dtype_itemsize(f.dtype));
     for (const FieldSpec& f : schema.token_fields) token_bytes += static_cast<uint64_t>(dtype_itemsize(f.dtype));
     const auto ucount = static_cast<uint64_t>(count), utokens = static_cast<uint64_t>(num_tokens);
-    bool overflow = __builtin_mul_overflow(token_bytes, static_cast<uint64_t>(config.capacity_tokens), &arena_bytes) ||
-                    arena_bytes > static_cast<uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
-    overflow = overflow || __builtin_mul_overflow(ucount, uint64_t{16} + row_bytes, &need) ||
-               __builtin_mul_overflow(utokens, token_bytes, &part) || __builtin_add_overflow(need, part, &need);
-    if (overflow) {
-      throw std::invalid_argument("corrupt replay buffer file: sizes overflow (capacity_tokens " +
-                                  str(config.capacity_tokens) + ", " + str(static_cast<int64_t>(schema.token_fields.size())) +
-                                  " per-token fields)");
-    }
-    // The constructor reserves arena_bytes up front; a file asking for more than this machine's
-    // physical memory is rejected instead of reserving (overcommitting) it.
-    const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page_size > 0 &&
-        arena_bytes / static_cast<uint64_t>(page_size) > static_cast<uint64_t>(pages)) {
-      throw std::invalid_argument("replay buffer file: capacity_tokens=" + str(config.capacity_tokens) + " x " +
-                                  str(static_cast<int64_t>(schema.token_fields.size())) + " per-token fields needs " +
-                                  std::to_string(arena_bytes) + " bytes of ring, more than this machine's memory (" +
-                                  std::to_string(static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size)) +
-                                  " bytes)");
-    }
-    if (need != r.remaining()) {
+    const bool overflow = __builtin_mul_overflow(ucount, uint64_t{16} + row_bytes, &need) ||
+                          __builtin_mul_overflow(utokens, token_bytes, &part) ||
+                          __builtin_add_overflow(need, part, &need);
+    if (overflow || need != r.remaining()) {
       throw std::invalid_argument("corrupt replay buffer file: " + str(count) + " sequences / " + str(num_tokens) +
-                                  " tokens need " + std::to_string(need) + " more payload bytes, found " +
-                                  std::to_string(r.remaining()));
+                                  " tokens need " + (overflow ? std::string("more than 2**64") : std::to_string(need)) +
+                                  " more payload bytes, found " + std::to_string(r.remaining()));
     }
   }
-  std::unique_ptr<ReplayBuffer> buf;
-  try {
-    buf = std::make_unique<ReplayBuffer>(std::move(schema), config);
-  } catch (const std::bad_alloc&) {
-    throw std::invalid_argument("replay buffer file: cannot allocate the ring for capacity_tokens=" +
-                                str(config.capacity_tokens));
-  }
+  auto buf = std::make_unique<ReplayBuffer>(std::move(schema), config);
   std::vector<int64_t> lengths(static_cast<size_t>(count)), starts(static_cast<size_t>(count));
   std::vector<double> prios(static_cast<size_t>(count));
   int64_t total = 0;
@@ -1249,15 +1295,20 @@ void ReplayBuffer::save(const std::string& path) {
 }
 
 std::unique_ptr<ReplayBuffer> ReplayBuffer::load(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    throw FileError("cannot load '" + path + "': it is a directory, not a replay buffer file");
+  }
   FILE* f = std::fopen(path.c_str(), "rb");
   if (f == nullptr) throw FileError("cannot open '" + path + "': " + std::strerror(errno));
   std::string bytes;
   char chunk[1 << 16];
   size_t n;
   while ((n = std::fread(chunk, 1, sizeof(chunk), f)) > 0) bytes.append(chunk, n);
+  const int err = errno;
   const bool failed = std::ferror(f) != 0;
   std::fclose(f);
-  if (failed) throw FileError("cannot read '" + path + "'");
+  if (failed) throw FileError("cannot read '" + path + "': " + std::strerror(err));
   return from_bytes(bytes);
 }
 

@@ -1,15 +1,20 @@
 // Replay buffer for variable-length token sequences (no Python types; bound in bindings.cpp).
 //
-// Storage layout (capacity C tokens; one ring per per-token field, struct of arrays):
+// Storage layout (capacity C tokens; one ring of R <= C tokens per per-token field, struct of arrays):
 //
 //   field "tokens"   [ ..seq 7.. | seq 8 | seq 9 |   free   | ..seq 7 (wrapped head).. ]
 //   field "logprobs" [ same offsets, own dtype ........................................ ]
-//                      ^0          ^head_offset_ (oldest live sequence)              ^C-1
+//                      ^0          ^head_offset_ (oldest live sequence)              ^R-1
 //
 //   A sequence occupies `length` consecutive ring slots starting at `offset`; it may wrap past
-//   C-1 to 0 (read/written as at most two memcpy). Live sequences form one FIFO run, so the
-//   total stored tokens never exceed C and adding evicts whole oldest sequences. No gaps, no
-//   compaction.
+//   R-1 to 0 (read/written as at most two memcpy). Live sequences form one FIFO run, so the
+//   total stored tokens never exceed C and adding evicts whole oldest sequences. No gaps.
+//
+//   The rings are allocated lazily: R (ring_tokens_, the same for every field) starts at 0 and
+//   grows, doubling up to C, when an add would hold more live tokens than R; a growth copies the
+//   live tokens to offset 0 of the new rings (the only compaction). Memory follows the tokens
+//   actually stored, so C may be as large as kMaxCapacityTokens without reserving C tokens, and a
+//   failed growth throws OutOfMemory with the buffer unchanged.
 //
 //   Per-sequence metadata (offset, length, version, group, priority) and the per-sequence
 //   field values (one packed row of `row_bytes_` per sequence) live in a growable ring indexed
@@ -40,6 +45,9 @@
 #include "core/sum_tree.h"
 
 namespace alignkit {
+
+// Largest capacity_tokens (2**40): ring offsets times an itemsize (<= 8) stay far inside int64.
+constexpr int64_t kMaxCapacityTokens = int64_t{1} << 40;
 
 enum class DType : int32_t {
   kBool = 0,
@@ -75,7 +83,7 @@ struct Schema {
 };
 
 struct BufferConfig {
-  int64_t capacity_tokens = 0;     // ring size in tokens (> 0)
+  int64_t capacity_tokens = 0;     // max live tokens per field, in [1, kMaxCapacityTokens]
   int64_t capacity_sequences = 0;  // max live sequences, 0 = bounded only by tokens
   double alpha = 1.0;              // prioritized replay exponent: P(i) ~ p_i^alpha
   uint64_t seed = 0;
@@ -83,6 +91,13 @@ struct BufferConfig {
 
 // Raised by a wait that ran out of time (bound to Python's TimeoutError).
 class TimeoutError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Raised when the memory for the rings or a batch cannot be allocated (bound to MemoryError);
+// the message says what was being allocated and how large it was.
+class OutOfMemory : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
@@ -263,7 +278,8 @@ class ReplayBuffer {
   void grow_records_locked();
   void append_locked(const AddRequest& r, int64_t b, int64_t version, int64_t group, double priority);
   double tree_value(double priority) const;
-  void check_add_total_locked(const AddRequest& r) const;
+  int64_t project_add_locked(const AddRequest& r) const;
+  void reserve_ring_locked(int64_t tokens);
   std::vector<int64_t> eligible_ids_locked(bool filter_version, int64_t min_version) const;
   std::vector<std::vector<int64_t>> eligible_groups_locked(const GroupSpec& spec) const;
   void wait_locked(std::unique_lock<std::mutex>& lock, double timeout_s, int64_t need,
@@ -285,7 +301,8 @@ class ReplayBuffer {
   std::mutex mu_;
   std::condition_variable cv_;
 
-  std::vector<std::unique_ptr<uint8_t[]>> arenas_;  // per token field, capacity_tokens elements
+  std::vector<std::unique_ptr<uint8_t[]>> arenas_;  // per token field, ring_tokens_ elements
+  int64_t ring_tokens_ = 0;                          // R: allocated ring size (<= capacity_tokens)
   int64_t head_offset_ = 0;                          // ring offset of the oldest live token
   int64_t num_tokens_ = 0;
 

@@ -3,4 +3,4 @@
 // holds the same number and refuses to load a stale build.
 #pragma once
 
-#define ALIGNKIT_EXT_ABI 2
+#define ALIGNKIT_EXT_ABI 3

@@ -179,8 +179,13 @@ static void test_crafted_files() {
   for (int64_t cap : {int64_t{0}, int64_t{-1}, int64_t{1} << 41, std::numeric_limits<int64_t>::max()}) {
     CHECK(rejected(with(cap_at, &cap)));
   }
-  const int64_t huge_cap = int64_t{1} << 40;  // 2 fields x 2**40 x 4 bytes: more than any test machine
-  CHECK(rejected(with(cap_at, &huge_cap)));
+  // 2 fields x 2**40 x 4 bytes is more than any test machine, but the rings are allocated for the
+  // 12 stored tokens only: the largest capacity loads.
+  const int64_t huge_cap = kMaxCapacityTokens;
+  {
+    auto huge = ReplayBuffer::from_bytes(with(cap_at, &huge_cap));
+    CHECK(huge->size() == 3 && huge->num_tokens() == 12 && huge->config().capacity_tokens == huge_cap);
+  }
   const int64_t top = std::numeric_limits<int64_t>::max();
   {
     std::string b = bytes;
@@ -359,6 +364,42 @@ static void test_concurrency() {
   CHECK(!bad);
 }
 
+// The rings start empty and grow with the live tokens; a growth re-lays a wrapped ring out from 0.
+static void test_lazy_ring_growth() {
+  auto huge = make(kMaxCapacityTokens);  // 2 fields x 2**40 tokens: only possible because nothing is reserved
+  CHECK(add_one(*huge, 3, 1) == 0);
+  auto rb = make(100000, 2);
+  for (int i = 0; i < 3; ++i) add_one(*rb, 1500, i);  // ring of 4096 tokens: id 2 wraps past its end
+  CHECK(rb->first_id() == 1 && rb->num_tokens() == 3000);
+  CHECK(add_one(*rb, 6000, 3) == 3);  // 1500 + 6000 live tokens > 4096: grows while id 2 is wrapped
+  CHECK(rb->first_id() == 2 && rb->num_tokens() == 7500);
+  GatherSpec packed;
+  packed.layout = Layout::kPacked;
+  Batch b = rb->gather({2, 3}, packed, false);
+  const auto* tok = reinterpret_cast<const int32_t*>(b.token_fields[0].data());
+  const auto* lp = reinterpret_cast<const float*>(b.token_fields[1].data());
+  bool ok = true;
+  for (int t = 0; t < 1500; ++t) ok = ok && tok[t] == 2000 + t && lp[t] == -static_cast<float>(t);
+  for (int t = 0; t < 6000; ++t) ok = ok && tok[1500 + t] == 3000 + t;
+  CHECK(ok);
+  auto copy = ReplayBuffer::from_bytes(rb->to_bytes());
+  Batch c = copy->gather({2, 3}, packed, false);
+  CHECK(std::memcmp(b.token_fields[0].data(), c.token_fields[0].data(), b.token_fields[0].nbytes()) == 0);
+  // A batch too large to reserve is OutOfMemory, not std::length_error / std::bad_alloc.
+  SampleSpec s;
+  s.batch_size = int64_t{1} << 61;
+  CHECK(throws<OutOfMemory>([&] { rb->sample(s, GatherSpec{}, 0.0); }));
+}
+
+static void test_load_directory() {
+  CHECK(throws<FileError>([] { ReplayBuffer::load("/tmp"); }));
+  try {
+    ReplayBuffer::load("/tmp");
+  } catch (const FileError& e) {
+    CHECK(std::string(e.what()).find("is a directory") != std::string::npos);
+  }
+}
+
 static void test_bad_schema() {
   Schema s;
   CHECK(throws<std::invalid_argument>([&] { ReplayBuffer(s, BufferConfig{10, 0, 1.0, 0}); }));
@@ -366,6 +407,7 @@ static void test_bad_schema() {
   CHECK(throws<std::invalid_argument>([&] { ReplayBuffer(s, BufferConfig{10, 0, 1.0, 0}); }));
   s.token_fields = {{"a", DType::kInt32, {}}};
   CHECK(throws<std::invalid_argument>([&] { ReplayBuffer(s, BufferConfig{0, 0, 1.0, 0}); }));
+  CHECK(throws<std::invalid_argument>([&] { ReplayBuffer(s, BufferConfig{kMaxCapacityTokens + 1, 0, 1.0, 0}); }));
   s.sequence_fields = {{"score", DType::kFloat32, {}}};
   s.group_field = 0;  // float group field
   CHECK(throws<std::invalid_argument>([&] { ReplayBuffer(s, BufferConfig{10, 0, 1.0, 0}); }));
@@ -383,6 +425,8 @@ int main() {
   test_gather_into_length_bounds();
   test_crafted_files();
   test_save_syncs_directory();
+  test_lazy_ring_growth();
+  test_load_directory();
   if (failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
