@@ -15,10 +15,11 @@ _ext.load()
 from .backend import BACKENDS  # noqa: E402
 
 # Public ops and classes (one import line per module).
-from .ops.advantages import discounted_returns, gae, gae_packed  # noqa: E402
+from .ops.advantages import discounted_returns, discounted_returns_packed, gae, gae_packed  # noqa: E402
 from .ops.fused_ppo import fused_linear_ppo_loss  # noqa: E402
 from .ops.group_advantages import group_advantages  # noqa: E402
 from .ops.logprobs import causal_lm_logprobs, fused_linear_logprobs, token_logprobs  # noqa: E402
+from .ops.loss_config import PolicyLossConfig  # noqa: E402
 from .ops.losses import agg_loss, kl_penalty, ppo_policy_loss, value_loss  # noqa: E402
 from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
 from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches  # noqa: E402
@@ -26,6 +27,7 @@ from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token
 __all__ = [
     "BACKENDS",
     "Batch",
+    "PolicyLossConfig",
     "ReplayBuffer",
     "SequenceField",
     "TokenField",
@@ -33,6 +35,7 @@ __all__ = [
     "agg_loss",
     "causal_lm_logprobs",
     "discounted_returns",
+    "discounted_returns_packed",
     "fused_linear_logprobs",
     "fused_linear_ppo_loss",
     "gae",

@@ -74,13 +74,14 @@ def run() -> int:
     cu_seqlens = packed.cu_seqlens
     diffs = [
         _both("gae_packed", lambda b, d: alignkit.gae_packed(
-            packed["rewards"].to(d), packed["values"].to(d), mask.to(d), cu_seqlens, 0.99, 0.95, backend=b,
+            packed["rewards"].to(d), packed["values"].to(d), mask.to(d), cu_seqlens, gamma=0.99, lam=0.95,
+            backend=b,
         ), triton_device),
-        _both("discounted_returns", lambda b, d: alignkit.discounted_returns(
-            packed["rewards"][None].to(d), mask[None].to(d), 0.99, backend=b,
+        _both("discounted_returns_packed", lambda b, d: alignkit.discounted_returns_packed(
+            packed["rewards"].to(d), mask.to(d), cu_seqlens, gamma=0.99, backend=b,
         ), triton_device),
     ]  # fmt: skip
-    group_adv = alignkit.group_advantages(packed["score"], packed["group"], "grpo")
+    group_adv = alignkit.group_advantages(packed["score"], packed["group"], method="grpo")
     print(f"  group_advantages (grpo)      {group_adv.numel()} sequences, mean {group_adv.mean():+.2e}")
 
     def policy_step(b: str, d: torch.device):
@@ -99,7 +100,9 @@ def run() -> int:
 
     def value_step(b: str, d: torch.device):
         v = packed["values"][None].to(d).requires_grad_()
-        ret = alignkit.discounted_returns(packed["rewards"][None].to(d), mask[None].to(d), backend=b)
+        ret = alignkit.discounted_returns_packed(packed["rewards"].to(d), mask.to(d), cu_seqlens, backend=b)[
+            None
+        ]
         loss, metrics = alignkit.value_loss(v, v.detach() + 0.1, ret, mask[None].to(d), backend=b)
         loss.backward()
         return loss, metrics, v.grad

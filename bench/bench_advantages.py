@@ -68,7 +68,7 @@ def torchrl_gae(rewards, values, mask, gamma, lam):
 
 
 PROVIDERS = {
-    "alignkit": lambda r, v, m: alignkit.gae(r, v, m, GAMMA, LAM),
+    "alignkit": lambda r, v, m: alignkit.gae(r, v, m, gamma=GAMMA, lam=LAM),
     "torch-loop (verl)": lambda r, v, m: verl_loop(r, v, m, GAMMA, LAM),
     "numpy-loop (SB3)": lambda r, v, m: sb3_numpy_loop(r, v, m, GAMMA, LAM),
     "torchrl": lambda r, v, m: torchrl_gae(r, v, m, GAMMA, LAM),

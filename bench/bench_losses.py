@@ -4,8 +4,9 @@ loss path: ``fused_linear_ppo_loss`` vs ``ppo_policy_loss(fused_linear_logprobs(
 chunked GRPO loss (when installed).
 
 Cases (``benchmark.group``):
-* ``policy-loss``: B=256, T=4096, fp32, token-mean, dual clip, k3 KL (ref_logp) and entropy bonus.
-* ``value-loss``: B=256, T=4096, fp32, clipped value loss.
+* ``policy-loss``: B=256, T=4096 (and a small B=8, T=512, where per-call overhead shows), fp32,
+  token-mean, dual clip, k3 KL (ref_logp) and entropy bonus.
+* ``value-loss``: the same shapes, fp32, clipped value loss.
 * ``fused-ppo``: B x T tokens, H x V lm_head, time and peak memory; ``logprobs-only`` (the
   masked sum of ``fused_linear_logprobs``) is the peak-memory reference.
 GPU cases also record ``bytes_moved``: each input read once plus each gradient written once
@@ -28,7 +29,7 @@ import harness
 import alignkit
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, KL_COEF, ENTROPY_COEF, VF_CLIP = 0.2, 0.28, 3.0, 0.001, 0.001, 0.5
-POLICY_SHAPE = (256, 4096)
+CPU_POLICY_SHAPES = [(256, 4096), (8, 512)]
 GPU_POLICY_SHAPES = [(256, 4096), (64, 32768)]
 FUSED_CPU_CASE = (2, 512, 512, 16384)  # B, T, H, V
 FUSED_GPU_CASE = (4, 2048, 4096, 151936)
@@ -157,9 +158,10 @@ def _run_case(benchmark, case, provider, B, T, device):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", CPU_POLICY_SHAPES, ids=lambda s: f"B{s[0]}-T{s[1]}")
 @pytest.mark.parametrize("case", ["policy-loss", "value-loss"])
-def test_losses_cpu(benchmark, case, provider):
-    _run_case(benchmark, case, provider, *POLICY_SHAPE, "cpu")
+def test_losses_cpu(benchmark, case, shape, provider):
+    _run_case(benchmark, case, provider, *shape, "cpu")
 
 
 @pytest.mark.gpu

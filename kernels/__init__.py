@@ -32,3 +32,15 @@ def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make ``tensor``'s CUDA device current around a launch (Triton launches on the current
     device: tensors on cuda:1 while cuda:0 is current would be read from the wrong GPU)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def mask_view(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as kernels load it: bool storage viewed as uint8 (no copy), other dtypes as given."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The Triton accumulation dtype of a torch accumulation dtype (fp64 or fp32)."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32

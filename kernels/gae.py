@@ -1,6 +1,6 @@
 """GAE and discounted returns as parallel affine scans (Triton).
 
-Both carries of GAE (conventions.md) are affine maps applied in reverse time order::
+Both carries of GAE (docs/formulas.md, "GAE") are affine maps applied in reverse time order::
 
     NV_t = a_t NV_{t+1} + b_t,  a_t = 1 - m_t,                 b_t = m_t V_t
     L_t  = c_t L_{t+1}  + d_t,  c_t = 1 - m_t + m_t gamma lam,  d_t = m_t (r_t + gamma NV_{t+1} - V_t)
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_guard, interpreter_active
+from . import device_guard, interpreter_active, mask_view, triton_dtype
 from .scalars import join_float, split_float
 
 # Largest tile a program scans at once; chunks are whole numbers of tiles.
@@ -64,15 +64,18 @@ def _load_tile(
     r_ptr, v_ptr, m_ptr, base, hi, lo, chunk_end, gamma, lam, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
     # Positions hi-1, hi-2, ... (descending) of the tile [lo, hi); invalid slots are identity maps.
+    # Rewards and values are read only where the mask is 1: padding may hold NaN/inf, which a
+    # product with m = 0 would spread (0 * nan = nan); unread slots hold 0.
     offs = hi - 1 - tl.arange(0, BLOCK).to(tl.int64)
     valid = offs >= lo
-    r = tl.load(r_ptr + base + offs, mask=valid, other=0.0).to(ACC)
-    v = tl.load(v_ptr + base + offs, mask=valid, other=0.0).to(ACC)
     m = tl.load(m_ptr + base + offs, mask=valid, other=0).to(ACC)
+    live = valid & (m != 0)
+    r = tl.load(r_ptr + base + offs, mask=live, other=0.0).to(ACC)
+    v = tl.load(v_ptr + base + offs, mask=live, other=0.0).to(ACC)
     nxt = offs + 1
     valid_next = valid & (nxt < chunk_end)
-    v_next = tl.load(v_ptr + base + nxt, mask=valid_next, other=0.0).to(ACC)
     m_next = tl.load(m_ptr + base + nxt, mask=valid_next, other=0).to(ACC)
+    v_next = tl.load(v_ptr + base + nxt, mask=valid_next & (m_next != 0), other=0.0).to(ACC)
     # Maps of position t+1 for the exclusive NV scan.
     a_next = 1.0 - m_next
     b_next = m_next * v_next
@@ -143,8 +146,10 @@ def _gae_fwd_kernel(
             d = m * (r + gamma * nv_next - v)
             C, D = tl.associative_scan((c, d), 0, _affine_combine)
             L = C * gae + D
+            # R = A + V at every position, masked ones included (with the value as given there).
+            v_all = tl.load(v_ptr + base + offs, mask=valid & (m == 0), other=0.0).to(ACC) + v
             tl.store(adv_ptr + base + offs, L, mask=valid)
-            tl.store(ret_ptr + base + offs, L + v, mask=valid)
+            tl.store(ret_ptr + base + offs, L + v_all, mask=valid)
             nv = _last(nv_next, BLOCK)  # NV_{lo+1}: the next tile's shifted loads include position lo
             gae = _last(L, BLOCK)
             hi = lo
@@ -260,33 +265,32 @@ def _gae_carry_kernel(
 
 @triton.jit
 def _discounted_returns_kernel(
-    r_ptr, m_ptr, out_ptr, T, stride_row, gamma_0, gamma_1, gamma_2, ACC: tl.constexpr, BLOCK: tl.constexpr
-):
+    r_ptr, m_ptr, out_ptr, cu_ptr, T, stride_row, gamma_0, gamma_1, gamma_2,
+    PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     # ret_t = r_t + gamma K_{t+1}, where K_t = m_t ret_t = (gamma m_t) K_{t+1} + m_t r_t: an exclusive
-    # affine scan, taken from the maps of position t+1 like NV in GAE. One program per row.
+    # affine scan, taken from the maps of position t+1 like NV in GAE. One program per row (padded)
+    # or per sequence (packed: the recurrence restarts at every cu_seqlens boundary). Rewards at
+    # mask-0 positions enter only their own output, so they are read only there.
     row = tl.program_id(0).to(tl.int64)
     gamma = join_float(gamma_0, gamma_1, gamma_2, ACC)
-    base = row * stride_row
+    base, length = _row_extent(cu_ptr, row, T, stride_row, PACKED)
     k = _scalar(0.0, ACC, BLOCK)
-    hi = row * 0 + T  # int64 loop variable
+    hi = length
     while hi > 0:
         lo = tl.maximum(hi - BLOCK, 0)
         offs = hi - 1 - tl.arange(0, BLOCK).to(tl.int64)
         valid = offs >= lo
         r = tl.load(r_ptr + base + offs, mask=valid, other=0.0).to(ACC)
         nxt = offs + 1
-        valid_next = valid & (nxt < T)
-        r_next = tl.load(r_ptr + base + nxt, mask=valid_next, other=0.0).to(ACC)
+        valid_next = valid & (nxt < length)
         m_next = tl.load(m_ptr + base + nxt, mask=valid_next, other=0).to(ACC)
+        r_next = tl.load(r_ptr + base + nxt, mask=valid_next & (m_next != 0), other=0.0).to(ACC)
         A, B = tl.associative_scan((gamma * m_next, m_next * r_next), 0, _affine_combine)
         k_next = A * k + B
         tl.store(out_ptr + base + offs, r + gamma * k_next, mask=valid)
         k = _last(k_next, BLOCK)
         hi = lo
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _block() -> int:
@@ -307,10 +311,6 @@ def _chunk_and_tile(rows: int, length: int, device: torch.device) -> tuple[int, 
     return chunk, min(BLOCK_GPU, chunk)
 
 
-def _mask_view(mask: torch.Tensor) -> torch.Tensor:
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-
-
 def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_size):
     chunk, block = _chunk_and_tile(rows, length, r.device)
     if chunk_size is not None:  # any chunk works: the tile loop clips its last tile at the chunk start
@@ -321,7 +321,7 @@ def _launch_gae(r, v, m, cu, rows, length, stride_row, gamma, lam, dtype, chunk_
     ret = torch.empty(r.shape, dtype=dtype, device=r.device)
     packed = cu is not None
     cu_arg = cu if packed else r  # unused when not packed
-    acc = _acc(dtype)
+    acc = triton_dtype(dtype)
     scalars = split_float(gamma, lam)
     grid = (rows * n_chunks,)
     carry = None
@@ -349,7 +349,7 @@ def gae_fwd(
 ):
     """(B, T) rewards/values/mask -> (advantages, returns) in ``dtype``. Inputs are validated by
     the caller (alignkit.gae); ``chunk_size`` overrides the split of T across programs."""
-    r, v, m = rewards.contiguous(), values.contiguous(), _mask_view(mask.contiguous())
+    r, v, m = rewards.contiguous(), values.contiguous(), mask_view(mask.contiguous())
     rows, length = r.shape
     if rows == 0 or length == 0:
         empty = torch.empty(r.shape, dtype=dtype, device=r.device)
@@ -371,7 +371,7 @@ def gae_packed_fwd(
 
     The longest sequence is read from a CPU copy of ``cu_seqlens`` (pass it on the CPU to avoid a
     device sync); the kernels get a device copy."""
-    r, v, m = rewards.contiguous(), values.contiguous(), _mask_view(mask.contiguous())
+    r, v, m = rewards.contiguous(), values.contiguous(), mask_view(mask.contiguous())
     cu_host = cu_seqlens.to(device="cpu", dtype=torch.int64)
     rows = cu_host.numel() - 1
     max_len = int((cu_host[1:] - cu_host[:-1]).max()) if rows > 0 else 0
@@ -382,14 +382,20 @@ def gae_packed_fwd(
     return _launch_gae(r, v, m, cu, rows, max_len, 0, gamma, lam, dtype, chunk_size)
 
 
-def discounted_returns_fwd(rewards, mask, gamma: float, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) rewards/mask -> reward-to-go in ``dtype`` (one program per row)."""
-    r, m = rewards.contiguous(), _mask_view(mask.contiguous())
+def discounted_returns_fwd(rewards, mask, gamma: float, dtype: torch.dtype, cu_seqlens=None) -> torch.Tensor:
+    """(B, T) rewards/mask -> reward-to-go in ``dtype`` (one program per row); with validated CPU
+    ``cu_seqlens``, (1, N) packed rows, one program per sequence."""
+    r, m = rewards.contiguous(), mask_view(mask.contiguous())
     out = torch.empty(r.shape, dtype=dtype, device=r.device)
     rows, length = r.shape
+    packed = cu_seqlens is not None
+    if packed:
+        rows = cu_seqlens.numel() - 1
+        cu = cu_seqlens.to(r.device).contiguous()
     if rows and length:
         with device_guard(r):
             _discounted_returns_kernel[(rows,)](
-                r, m, out, length, length, *split_float(gamma), ACC=_acc(dtype), BLOCK=_block()
-            )
+                r, m, out, cu if packed else r, length, length, *split_float(gamma),
+                PACKED=packed, ACC=triton_dtype(dtype), BLOCK=_block(),
+            )  # fmt: skip
     return out

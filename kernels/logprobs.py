@@ -1,6 +1,6 @@
 """Triton kernels for token log-probs and entropy: on given logits, and fused with the lm_head.
 
-Math (../shared/conventions.md, "Log-probs and entropy"), per token with ``z = x / T``. Online
+Math (docs/formulas.md, "Log-probs and entropy"), per token with ``z = x / T``. Online
 over vocabulary tiles, keeping the running max ``m``, ``s = sum exp(z - m)`` and
 ``u = sum exp(z - m) (z - m)`` (taken relative to the max: ``z - m <= 0`` and ``s >= 1`` make
 ``logp <= 0`` and ``H >= 0`` hold in floating point). A new tile with max ``m'`` rescales::
@@ -54,14 +54,26 @@ def _online_update(m, s, u, z, valid):
 
 
 @triton.jit
-def _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp):
-    # dz / T for a tile: g_logp (1[j = label] - p) - g_H p (log p + H).
+def _row_floor(floor_ptr, rows, row_ok, HAS_FLOOR: tl.constexpr):
+    # The logit floor of each row (z below it is outside the sampled distribution), or -inf.
+    if HAS_FLOOR:
+        return tl.load(floor_ptr + rows, mask=row_ok, other=-float("inf")).to(tl.float32)
+    else:
+        return tl.full(rows.shape, -float("inf"), tl.float32)
+
+
+@triton.jit
+def _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp, floor):
+    # dz / T for a tile: g_logp (1[j = label] - p) - g_H p (log p + H); 0 for entries below the floor
+    # (outside the distribution: p = 0 and no gradient).
+    kept = ~(z < floor[:, None])  # (NaN is kept: it must stay visible)
+    z = tl.where(kept, z, -float("inf"))
     logp = z - lse[:, None]
     p = tl.exp(logp)
     onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
     ent_term = p * (tl.where(p > 0, logp, 0.0) + ent[:, None])  # p log p -> 0 as p -> 0 (logit -inf)
     dz = g_logp[:, None] * (onehot - p) - g_ent[:, None] * ent_term
-    return dz * inv_temp
+    return tl.where(kept, dz * inv_temp, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,13 +83,15 @@ def _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp):
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    x_ptr, labels_ptr, logp_ptr, ent_ptr, lse_ptr,
+    x_ptr, labels_ptr, floor_ptr, logp_ptr, ent_ptr, lse_ptr,
     V, stride_xn, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr,
+    HAS_FLOOR: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     row = x_ptr + pid * stride_xn
     label = tl.load(labels_ptr + pid + tl.zeros((1,), dtype=tl.int64))  # (1,)
+    pid_1 = pid + tl.zeros((1,), dtype=tl.int64)  # (1,)
+    floor = _row_floor(floor_ptr, pid_1, pid_1 >= 0, HAS_FLOOR)  # (1,)
     m = tl.full((1,), NEG_BIG, tl.float32)
     s = tl.zeros((1,), tl.float32)
     u = tl.zeros((1,), tl.float32)
@@ -86,10 +100,10 @@ def _token_logprobs_fwd_kernel(
         offs_v = start + tl.arange(0, BLOCK_V)
         valid = offs_v < V
         z = tl.load(row + offs_v, mask=valid, other=0.0).to(tl.float32)[None, :] * inv_temp
-        m, s, u = _online_update(m, s, u, z, valid[None, :])
+        m, s, u = _online_update(m, s, u, z, valid[None, :] & ~(z < floor[:, None]))
         z_label += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
     log_s = tl.log(s)
-    logp = (z_label - m) - log_s
+    logp = tl.where(z_label < floor, -float("inf"), (z_label - m) - log_s)
     ent = log_s - u / s
     keep = label != ignore_index
     logp = tl.where((label < 0) | (label >= V), NAN, logp)
@@ -100,24 +114,29 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    x_ptr, dx_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
+    x_ptr, dx_ptr, labels_ptr, floor_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     V, stride_xn, stride_dxn, inv_temp, ignore_index,
-    BLOCK_V: tl.constexpr,
+    HAS_FLOOR: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     # dx may alias x: every element is read before the same program overwrites it.
     pid = tl.program_id(0).to(tl.int64)
     one = tl.arange(0, 1)
     label = tl.load(labels_ptr + pid + one)
+    floor = _row_floor(floor_ptr, pid + one, one >= 0, HAS_FLOOR)
     keep = label != ignore_index
     lse = tl.load(lse_ptr + pid + one)
     ent = tl.load(ent_ptr + pid + one)
     g_logp = tl.where(keep, tl.load(g_logp_ptr + pid + one), 0.0)
     g_ent = tl.where(keep, tl.load(g_ent_ptr + pid + one), 0.0)
+    # A row with no upstream gradient (ignored, or unused downstream) gets exactly 0, whatever its
+    # logits hold (padding may be NaN: 0 * NaN would be NaN).
+    active = (g_logp != 0) | (g_ent != 0)
     for start in range(0, V, BLOCK_V):
         offs_v = start + tl.arange(0, BLOCK_V)
         valid = offs_v < V
         z = tl.load(x_ptr + pid * stride_xn + offs_v, mask=valid, other=0.0).to(tl.float32)[None, :]
-        dz = _dz(z * inv_temp, lse, ent, g_logp, g_ent, label, offs_v, inv_temp)
+        dz = _dz(z * inv_temp, lse, ent, g_logp, g_ent, label, offs_v, inv_temp, floor)
+        dz = tl.where(active[:, None], dz, 0.0)
         tl.store(
             dx_ptr + pid * stride_dxn + offs_v[None, :],
             dz.to(dx_ptr.dtype.element_ty),
@@ -134,9 +153,11 @@ def token_logprobs_fwd(
     labels: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    logit_floor: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V) with unit column stride, labels (N,) -> fp32 logp, entropy, lse (N,)."""
+    """logits (N, V) with unit column stride, labels (N,), optional fp32 logit floor (N,) -> fp32
+    logp, entropy, lse (N,)."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and labels.is_contiguous()
     logp, ent, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -144,8 +165,9 @@ def token_logprobs_fwd(
         return logp, ent, lse
     with device_guard(logits):
         _token_logprobs_fwd_kernel[(n,)](
-            logits, labels, logp, ent, lse, vocab, logits.stride(0), 1.0 / temperature, ignore_index,
-            BLOCK_V=block_v or _row_block(vocab),
+            logits, labels, logit_floor if logit_floor is not None else lse, logp, ent, lse, vocab,
+            logits.stride(0), 1.0 / temperature, ignore_index,
+            HAS_FLOOR=logit_floor is not None, BLOCK_V=block_v or _row_block(vocab),
         )  # fmt: skip
     return logp, ent, lse
 
@@ -159,6 +181,7 @@ def token_logprobs_bwd(
     g_ent: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    logit_floor: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> torch.Tensor:
@@ -171,8 +194,9 @@ def token_logprobs_bwd(
         return out
     with device_guard(logits):
         _token_logprobs_bwd_kernel[(n,)](
-            logits, out, labels, lse, ent, g_logp.contiguous(), g_ent.contiguous(),
-            vocab, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
+            logits, out, labels, logit_floor if logit_floor is not None else lse, lse, ent,
+            g_logp.contiguous(), g_ent.contiguous(), vocab, logits.stride(0), out.stride(0),
+            1.0 / temperature, ignore_index, HAS_FLOOR=logit_floor is not None,
             BLOCK_V=block_v or _row_block(vocab),
         )  # fmt: skip
     return out
@@ -211,10 +235,10 @@ def _logits_tile(
 
 @triton.jit
 def _fused_linear_logprobs_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, m_ptr, s_ptr, u_ptr, zl_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, floor_ptr, m_ptr, s_ptr, u_ptr, zl_ptr,
     N, V, H, stride_hn, stride_wv, inv_temp, split_cols,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Program (pid_n, split): rows [pid_n BLOCK_N, +BLOCK_N) over vocabulary tiles
     # [split * split_cols, +split_cols) (a multiple of BLOCK_V). Writes partial (m, s, u, z_label) to row
@@ -223,6 +247,7 @@ def _fused_linear_logprobs_fwd_kernel(
     split = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
+    floor = _row_floor(floor_ptr, offs_n, offs_n < N, HAS_FLOOR)
     m = tl.full((BLOCK_N,), NEG_BIG, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     u = tl.zeros((BLOCK_N,), tl.float32)
@@ -235,7 +260,7 @@ def _fused_linear_logprobs_fwd_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temp,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
         )  # fmt: skip
-        m, s, u = _online_update(m, s, u, z, (offs_v < V)[None, :])
+        m, s, u = _online_update(m, s, u, z, (offs_v < V)[None, :] & ~(z < floor[:, None]))
         z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
     out = split * N + offs_n
     keep = offs_n < N
@@ -247,13 +272,13 @@ def _fused_linear_logprobs_fwd_kernel(
 
 @triton.jit
 def _fused_linear_logprobs_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr,
-    N, V, H, stride_hn, stride_wv, stride_dzn, inv_temp,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, floor_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, dz_ptr,
+    N, V, H, stride_hn, stride_wv, stride_dzn, inv_temp, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # dz tile (rows offs_n, columns offs_v) from the recomputed logits and the saved lse / H;
-    # upstream gradients are already zero on ignored rows.
+    # dz tile (rows offs_n, columns offs_v) from the recomputed logits and the saved lse / H.
+    # Ignored rows and rows without upstream gradient get exactly 0 (their hidden states may be NaN).
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,13 +287,16 @@ def _fused_linear_logprobs_bwd_kernel(
     labels = tl.load(labels_ptr + offs_n, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
     ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
-    g_logp = tl.load(g_logp_ptr + offs_n, mask=row_ok, other=0.0)
-    g_ent = tl.load(g_ent_ptr + offs_n, mask=row_ok, other=0.0)
+    keep = row_ok & (labels != ignore_index)
+    floor = _row_floor(floor_ptr, offs_n, row_ok, HAS_FLOOR)
+    g_logp = tl.load(g_logp_ptr + offs_n, mask=keep, other=0.0)
+    g_ent = tl.load(g_ent_ptr + offs_n, mask=keep, other=0.0)
+    active = (g_logp != 0) | (g_ent != 0)
     z = _logits_tile(
         h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temp,
         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
     )  # fmt: skip
-    dz = _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp)
+    dz = tl.where(active[:, None], _dz(z, lse, ent, g_logp, g_ent, labels, offs_v, inv_temp, floor), 0.0)
     tl.store(
         dz_ptr + offs_n[:, None] * stride_dzn + offs_v[None, :],
         dz.to(dz_ptr.dtype.element_ty),
@@ -350,10 +378,12 @@ def fused_linear_logprobs_fwd(
     labels: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    logit_floor: torch.Tensor | None = None,
     splits: int | None = None,
     blocks: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) -> fp32 logp, entropy, lse.
+    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,), optional fp32 logit floor (N,)
+    -> fp32 logp, entropy, lse.
 
     ``splits`` cuts the vocabulary into that many ranges run by separate programs (more
     parallelism for small N); default: enough programs to fill the GPU twice. ``blocks``
@@ -383,29 +413,38 @@ def fused_linear_logprobs_fwd(
     partial = torch.empty((4, splits, n), dtype=torch.float32, device=device)
     m, s, u, z_label = partial.unbind(0)
     args = (
-        hidden, weight, bias if bias is not None else hidden, labels, m, s, u, z_label,
+        hidden, weight, bias if bias is not None else hidden, labels,
+        logit_floor if logit_floor is not None else m, m, s, u, z_label,
         n, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature, split_cols,
     )  # fmt: skip
-    flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": _dot_precision(hidden.dtype)}
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_FLOOR": logit_floor is not None,
+        "DOT_PRECISION": _dot_precision(hidden.dtype),
+    }
     with device_guard(hidden):
         if blk:
             _fused_linear_logprobs_fwd_kernel[(triton.cdiv(n, blk["BLOCK_N"]), splits)](*args, **flags, **blk)
         else:  # pragma: no cover - autotuned, needs a GPU
             kernel = _autotuned(_fused_linear_logprobs_fwd_kernel, hidden.dtype, n)
             kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
-    return _combine(m, s, u, z_label, labels, vocab, ignore_index)
+    return _combine(m, s, u, z_label, labels, vocab, ignore_index, logit_floor)
 
 
-def _combine(m, s, u, z_label, labels, vocab: int, ignore_index: int):
+def _combine(m, s, u, z_label, labels, vocab: int, ignore_index: int, logit_floor=None):
     """Merge per-split (splits, N) statistics into logp, entropy, lse (N,). Empty splits have
-    m = NEG_BIG, s = u = 0 and drop out (weight exp(m - M) = 0, (m - M) s = 0)."""
+    m = NEG_BIG, s = u = 0 and drop out (weight exp(m - M) = 0, (m - M) s = 0). A label below the
+    logit floor has probability 0: logp = -inf."""
     m_all = m.amax(dim=0)
     alpha = torch.exp(m - m_all)
     s_all = (alpha * s).sum(dim=0)
     u_all = (alpha * (u + (m - m_all) * s)).sum(dim=0)
     log_s = torch.log(s_all)
     ent = log_s - u_all / s_all
-    logp = (z_label.sum(dim=0) - m_all) - log_s
+    z_label = z_label.sum(dim=0)
+    logp = (z_label - m_all) - log_s
+    if logit_floor is not None:
+        logp = torch.where(z_label < logit_floor, -float("inf"), logp)
     keep = labels != ignore_index
     logp = torch.where(keep & ((labels < 0) | (labels >= vocab)), float("nan"), logp)
     zero = torch.zeros_like(logp)
@@ -429,11 +468,15 @@ def fused_linear_logprobs_bwd(
     g_logp: torch.Tensor,
     g_ent: torch.Tensor,
     temperature: float,
+    ignore_index: int,
     needs: tuple[bool, bool, bool] = (True, True, True),
     chunk_rows: int | None = None,
+    logit_floor: torch.Tensor | None = None,
     blocks: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d hidden, d weight, d bias) with ``g_logp`` / ``g_ent`` (N,) fp32, zero on ignored rows.
+    """(d hidden, d weight, d bias) from the upstream ``g_logp`` / ``g_ent`` (N,) fp32. Rows whose
+    label is ``ignore_index`` or whose upstream gradients are both 0 contribute exactly nothing,
+    whatever their hidden states hold (the same contract as the CPU implementation).
 
     Per chunk of rows the kernel writes dz (chunk, V) in the input dtype (fp32 products for
     fp32); d hidden = dz @ W and d weight += dz^T h are matmuls on that block. d bias
@@ -454,17 +497,25 @@ def fused_linear_logprobs_bwd(
     chunk_rows = chunk_rows or default_chunk_rows(n, hdim, vocab)
     blk = _blocks(blocks)
     dz_buffer = torch.empty((min(chunk_rows, n), vocab), dtype=hidden.dtype, device=device)
+    g_logp, g_ent = g_logp.contiguous(), g_ent.contiguous()
+    active = (labels != ignore_index) & ((g_logp != 0) | (g_ent != 0))  # (N,)
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         rows = stop - start
         h = hidden[start:stop]
         dz = dz_buffer[:rows]
         args = (
-            h, weight, bias if bias is not None else hidden, labels[start:stop], lse[start:stop],
+            h, weight, bias if bias is not None else hidden, labels[start:stop],
+            logit_floor[start:stop] if logit_floor is not None else lse, lse[start:stop],
             ent[start:stop], g_logp[start:stop], g_ent[start:stop], dz,
             rows, vocab, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
+            ignore_index,
         )  # fmt: skip
-        flags = {"HAS_BIAS": bias is not None, "DOT_PRECISION": _dot_precision(hidden.dtype)}
+        flags = {
+            "HAS_BIAS": bias is not None,
+            "HAS_FLOOR": logit_floor is not None,
+            "DOT_PRECISION": _dot_precision(hidden.dtype),
+        }
         with device_guard(hidden):
             if blk:
                 _fused_linear_logprobs_bwd_kernel[
@@ -480,8 +531,8 @@ def fused_linear_logprobs_bwd(
                 ](*args, **flags)
         if d_hidden is not None:
             torch.mm(dz, weight, out=d_hidden[start:stop])
-        if d_weight is not None:
-            d_weight.addmm_(dz.T, h)
+        if d_weight is not None:  # inactive rows of h may hold NaN: 0 * NaN must not reach d weight
+            d_weight.addmm_(dz.T, torch.where(active[start:stop, None], h, h.new_zeros(())))
         if d_bias is not None:
             d_bias += dz.sum(dim=0, dtype=torch.float32)
     if d_hidden is not None:

@@ -1,6 +1,6 @@
 """Triton kernels for the PPO losses: clipped policy loss (+ KL, entropy) and clipped value loss.
 
-Formulas: ../shared/conventions.md ("KL estimators", "Clipped policy loss", "Value loss").
+Formulas: docs/formulas.md ("KL estimators", "Clipped policy loss", "Value loss").
 Layout: every input is a contiguous (B, T) tensor; the grid is (B, cdiv(T, BLOCK_T)), one
 program per tile of one row.
 
@@ -29,21 +29,37 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_guard
+from .. import loss_layout as L
+from . import device_guard, mask_view, triton_dtype
 from .scalars import join_float, split_float
 
 MAX_BLOCK_T = 1024
 
-# Columns of the policy forward's per-row statistics.
-# P_BAD_MASK counts mask values other than 0 and 1 (validated for free during the pass).
-P_COUNT, P_LOSS, P_ENTROPY, P_KL, P_CLIP, P_CLIP_LOWER, P_NEG_LOGRATIO, P_BAD_MASK = range(8)
-POLICY_STATS = 8
-# Columns of the value forward's per-row statistics.
-V_COUNT, V_LOSS, V_CLIP, V_BAD_MASK = range(4)
-VALUE_STATS = 4
+# Columns of the per-row statistics (declared once, in alignkit/loss_layout.py).
+_P_COUNT = tl.constexpr(L.POLICY_COUNT)
+_P_LOSS = tl.constexpr(L.POLICY_LOSS)
+_P_ENTROPY = tl.constexpr(L.POLICY_ENTROPY)
+_P_KL = tl.constexpr(L.POLICY_KL)
+_P_CLIP = tl.constexpr(L.POLICY_CLIP)
+_P_CLIP_LOWER = tl.constexpr(L.POLICY_CLIP_LOWER)
+_P_NEG_LOGRATIO = tl.constexpr(L.POLICY_NEG_LOGRATIO)
+_P_BAD_MASK = tl.constexpr(L.POLICY_BAD_MASK)
+_P_STATS = tl.constexpr(L.POLICY_STATS)
+_V_COUNT = tl.constexpr(L.VALUE_COUNT)
+_V_LOSS = tl.constexpr(L.VALUE_LOSS)
+_V_CLIP = tl.constexpr(L.VALUE_CLIP)
+_V_BAD_MASK = tl.constexpr(L.VALUE_BAD_MASK)
+_V_STATS = tl.constexpr(L.VALUE_STATS)
+# The estimator codes KL_EST branches on.
+_K1 = tl.constexpr(L.KL_CODES["k1"])
+_ABS = tl.constexpr(L.KL_CODES["abs"])
+_K2 = tl.constexpr(L.KL_CODES["k2"])
 
-# kl_estimator codes (canonical names; aliases are resolved by alignkit.ops.losses).
-KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+@triton.jit
+def _clamp_keep_nan(x, lo, hi):
+    # clamp(x, lo, hi) that keeps NaN (tl.minimum/maximum may drop it: divergence must stay visible).
+    return tl.where(x != x, x, tl.minimum(tl.maximum(x, lo), hi))
 
 
 # Series in nested (Horner) form with integer divisors only: every constant is exact in fp32 and
@@ -93,19 +109,19 @@ def _kl_value_and_grad(d, KL_EST: tl.constexpr):
     # d = logp - ref_logp. k1: d; abs: |d|; k2: d^2 / 2;
     # k3: x = clamp(-d, -20, 20), clamp(exp(x) - x - 1, -10, 10), d/dd = -(exp(x) - 1) inside
     # both clamps (torch.clamp passes the gradient at equality).
-    if KL_EST == 0:
+    if KL_EST == _K1:
         kl = d
         dkl = tl.full(d.shape, 1.0, d.dtype)
-    elif KL_EST == 1:
+    elif KL_EST == _ABS:
         kl = tl.abs(d)
         dkl = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
-    elif KL_EST == 2:
+    elif KL_EST == _K2:
         kl = 0.5 * d * d
         dkl = d
     else:
-        x = tl.minimum(tl.maximum(-d, -20.0), 20.0)
+        x = _clamp_keep_nan(-d, -20.0, 20.0)
         y = _exp_minus_1_minus_x(x)
-        kl = tl.minimum(tl.maximum(y, -10.0), 10.0)
+        kl = _clamp_keep_nan(y, -10.0, 10.0)
         inside = (-d >= -20.0) & (-d <= 20.0) & (y <= 10.0)
         dkl = tl.where(inside, -_expm1(x), 0.0).to(d.dtype)
     return kl, dkl
@@ -128,7 +144,7 @@ def _policy_token(
     # dual clip (token level only): L = Lc, or L3 = -A dual_clip where A < 0 and Lc > L3.
     # Returns the loss, the clip predicates, -lr, and d L / d logp (before IS weights).
     diff = logp - old
-    lr = tl.minimum(tl.maximum(diff, -20.0), 20.0)
+    lr = _clamp_keep_nan(diff, -20.0, 20.0)
     if SEQ_RATIO:
         ratio = tl.exp(tl.minimum(seq_lr, 10.0)) + tl.zeros_like(logp)
         dratio = tl.where(seq_lr <= 10.0, ratio, 0.0)
@@ -171,7 +187,7 @@ def _seq_logratio_kernel(
     active = in_row & (m != 0)
     logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
     old = tl.load(old_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
-    lr = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
+    lr = _clamp_keep_nan(logp - old, -20.0, 20.0)
     out = partial_ptr + (row * NT + tile) * 2
     tl.store(out, tl.sum(tl.where(active, lr, 0.0), axis=0))
     tl.store(out + 1, tl.sum(tl.where(active, 1.0, 0.0).to(DTYPE), axis=0))
@@ -240,25 +256,25 @@ def _ppo_policy_fwd_kernel(
         grad = grad * isw
     zero = tl.zeros([BLOCK_T], DTYPE)
     one = zero + 1.0
-    out = partial_ptr + (row * NT + tile) * 8
-    tl.store(out + 0, tl.sum(tl.where(active, one, zero), axis=0))
-    tl.store(out + 1, tl.sum(tl.where(active, loss, zero), axis=0))
+    out = partial_ptr + (row * NT + tile) * _P_STATS
+    tl.store(out + _P_COUNT, tl.sum(tl.where(active, one, zero), axis=0))
+    tl.store(out + _P_LOSS, tl.sum(tl.where(active, loss, zero), axis=0))
     if HAS_ENT:
         ent = tl.load(ent_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
-        tl.store(out + 2, tl.sum(tl.where(active, ent, zero), axis=0))
+        tl.store(out + _P_ENTROPY, tl.sum(tl.where(active, ent, zero), axis=0))
     else:
-        tl.store(out + 2, tl.sum(zero, axis=0))
+        tl.store(out + _P_ENTROPY, tl.sum(zero, axis=0))
     if HAS_REF:
         ref = tl.load(ref_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
         kl, dkl = _kl_value_and_grad(logp - ref, KL_EST)
-        tl.store(out + 3, tl.sum(tl.where(active, kl, zero), axis=0))
+        tl.store(out + _P_KL, tl.sum(tl.where(active, kl, zero), axis=0))
         grad = grad + kl_coef * dkl
     else:
-        tl.store(out + 3, tl.sum(zero, axis=0))
-    tl.store(out + 4, tl.sum(tl.where(active & clipped, one, zero), axis=0))
-    tl.store(out + 5, tl.sum(tl.where(active & lower, one, zero), axis=0))
-    tl.store(out + 6, tl.sum(tl.where(active, neg_lr, zero), axis=0))
-    tl.store(out + 7, tl.sum(tl.where(active & (m != 1.0), one, zero), axis=0))
+        tl.store(out + _P_KL, tl.sum(zero, axis=0))
+    tl.store(out + _P_CLIP, tl.sum(tl.where(active & clipped, one, zero), axis=0))
+    tl.store(out + _P_CLIP_LOWER, tl.sum(tl.where(active & lower, one, zero), axis=0))
+    tl.store(out + _P_NEG_LOGRATIO, tl.sum(tl.where(active, neg_lr, zero), axis=0))
+    tl.store(out + _P_BAD_MASK, tl.sum(tl.where(active & (m != 1.0), one, zero), axis=0))
     if WRITE_GRAD:
         tl.store(grad_ptr + base + offs_t, tl.where(active, grad, zero), mask=in_row)
 
@@ -335,11 +351,11 @@ def _value_fwd_kernel(
     loss = tl.where(clipped, e2, e1)
     zero = tl.zeros([BLOCK_T], DTYPE)
     one = zero + 1.0
-    out = partial_ptr + (row * NT + tile) * 4
-    tl.store(out + 0, tl.sum(tl.where(active, one, zero), axis=0))
-    tl.store(out + 1, tl.sum(tl.where(active, loss, zero), axis=0))
-    tl.store(out + 2, tl.sum(tl.where(active & clipped, one, zero), axis=0))
-    tl.store(out + 3, tl.sum(tl.where(active & (m != 1.0), one, zero), axis=0))
+    out = partial_ptr + (row * NT + tile) * _V_STATS
+    tl.store(out + _V_COUNT, tl.sum(tl.where(active, one, zero), axis=0))
+    tl.store(out + _V_LOSS, tl.sum(tl.where(active, loss, zero), axis=0))
+    tl.store(out + _V_CLIP, tl.sum(tl.where(active & clipped, one, zero), axis=0))
+    tl.store(out + _V_BAD_MASK, tl.sum(tl.where(active & (m != 1.0), one, zero), axis=0))
     if WRITE_GRAD:
         grad = tl.where(active & (e2 <= e1), 2.0 * (v - ret), zero)
         tl.store(grad_ptr + base + offs_t, grad, mask=in_row)
@@ -348,17 +364,9 @@ def _value_fwd_kernel(
 # ----------------------------------------------------------------------------- host launchers
 
 
-def _triton_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _tiles(T: int) -> tuple[int, int]:
     block = min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T)
     return block, triton.cdiv(max(T, 1), block)
-
-
-def _mask_view(mask: torch.Tensor) -> torch.Tensor:
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _check_rows(*tensors: torch.Tensor) -> None:
@@ -377,49 +385,40 @@ def seq_logratio(logp, old_logp, mask, dtype: torch.dtype) -> torch.Tensor:
     partial = torch.empty((B, nt, 2), dtype=dtype, device=logp.device)
     with device_guard(logp):
         _seq_logratio_kernel[(B, nt)](
-            logp, old_logp, _mask_view(mask), partial, T, nt, DTYPE=_triton_dtype(dtype), BLOCK_T=block
+            logp, old_logp, mask_view(mask), partial, T, nt, DTYPE=triton_dtype(dtype), BLOCK_T=block
         )
     sums = partial.sum(1)
     return sums[:, 0] / sums[:, 1].clamp(min=1.0)
 
 
 def policy_fwd(
-    logp,
-    old_logp,
-    advantages,
-    mask,
-    is_weights,
-    ref_logp,
-    entropy,
-    seq_lr,
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    kl_code: int,
-    kl_coef: float,
-    write_grad: bool,
+    logp, old_logp, advantages, mask, is_weights, ref_logp, entropy, *, config, write_grad: bool,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row statistics (B, POLICY_STATS) in ``dtype`` (columns P_COUNT ... P_BAD_MASK) and, when
-    ``write_grad``, the per-token gradient of the row sums w.r.t. logp, (B, T) in ``dtype``."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Contiguous (B, T) inputs and a :class:`alignkit.PolicyLossConfig` -> per-row statistics
+    (B, POLICY_STATS) in ``dtype`` (columns of alignkit.loss_layout) and, when ``write_grad``, the
+    per-token gradient of the row sums w.r.t. logp, (B, T) in ``dtype``. GSPO (``ratio_level=
+    "sequence"``) first runs the per-row log-ratio pre-pass."""
     optional = [t for t in (is_weights, ref_logp, entropy) if t is not None]
     _check_rows(logp, old_logp, advantages, mask, *optional)
     B, T = logp.shape
     block, nt = _tiles(T)
-    scalars = split_float(1.0 - clip_low, 1.0 + clip_high, dual_clip or 0.0, kl_coef)
-    partial = torch.empty((B, nt, POLICY_STATS), dtype=dtype, device=logp.device)
+    dual = config.active_dual_clip
+    seq_lr = seq_logratio(logp, old_logp, mask, dtype) if config.sequence_ratio else None
+    scalars = split_float(1.0 - config.clip_low, 1.0 + config.clip_high, dual or 0.0, config.kl_coef)
+    partial = torch.empty((B, nt, L.POLICY_STATS), dtype=dtype, device=logp.device)
     grad = torch.empty((B, T), dtype=dtype, device=logp.device) if write_grad else None
     with device_guard(logp):
         _ppo_policy_fwd_kernel[(B, nt)](
-            logp, old_logp, advantages, _mask_view(mask),
+            logp, old_logp, advantages, mask_view(mask),
             is_weights if is_weights is not None else logp,
             ref_logp if ref_logp is not None else logp,
             entropy if entropy is not None else logp,
             seq_lr if seq_lr is not None else partial,
             partial, grad if grad is not None else partial, T, nt, *scalars,
             HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
-            HAS_DUAL=dual_clip is not None, SEQ_RATIO=seq_lr is not None, KL_EST=kl_code,
-            WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+            HAS_DUAL=dual is not None, SEQ_RATIO=seq_lr is not None, KL_EST=config.kl_code,
+            WRITE_GRAD=write_grad, DTYPE=triton_dtype(dtype), BLOCK_T=block,
         )  # fmt: skip
     return partial.sum(1), grad
 
@@ -429,6 +428,7 @@ def scale_rows_bwd(
     mask: torch.Tensor | None,
     row_weight: torch.Tensor,
     out_dtype: torch.dtype,
+    *,
     entropy_coef: float = 0.0,
     entropy_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -442,27 +442,26 @@ def scale_rows_bwd(
     dent = None if entropy_dtype is None else torch.empty((B, T), dtype=entropy_dtype, device=grad.device)
     with device_guard(grad):
         _scale_rows_bwd_kernel[(B, nt)](
-            grad, grad if mask is None else _mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
+            grad, grad if mask is None else mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
             dent if dent is not None else dx, T, *split_float(entropy_coef),
-            HAS_ENT=dent is not None, DTYPE=_triton_dtype(grad.dtype), BLOCK_T=block,
+            HAS_ENT=dent is not None, DTYPE=triton_dtype(grad.dtype), BLOCK_T=block,
         )  # fmt: skip
     return dx, dent
 
 
 def value_fwd(
-    values, old_values, returns, mask, clip: float, write_grad: bool, dtype: torch.dtype
+    values, old_values, returns, mask, *, clip: float, write_grad: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-row statistics (B, VALUE_STATS) in ``dtype`` (token count, sum of the max'd squared error,
-    clipped-token count, count of mask values other than 0 and 1) and, when ``write_grad``, the
-    per-token gradient of the row sums w.r.t. values, (B, T) in ``dtype``."""
+    """Per-row statistics (B, VALUE_STATS) in ``dtype`` (columns of alignkit.loss_layout) and, when
+    ``write_grad``, the per-token gradient of the row sums w.r.t. values, (B, T) in ``dtype``."""
     _check_rows(values, old_values, returns, mask)
     B, T = values.shape
     block, nt = _tiles(T)
-    partial = torch.empty((B, nt, VALUE_STATS), dtype=dtype, device=values.device)
+    partial = torch.empty((B, nt, L.VALUE_STATS), dtype=dtype, device=values.device)
     grad = torch.empty((B, T), dtype=dtype, device=values.device) if write_grad else None
     with device_guard(values):
         _value_fwd_kernel[(B, nt)](
-            values, old_values, returns, _mask_view(mask), partial, grad if grad is not None else partial,
-            T, nt, *split_float(clip), WRITE_GRAD=write_grad, DTYPE=_triton_dtype(dtype), BLOCK_T=block,
+            values, old_values, returns, mask_view(mask), partial, grad if grad is not None else partial,
+            T, nt, *split_float(clip), WRITE_GRAD=write_grad, DTYPE=triton_dtype(dtype), BLOCK_T=block,
         )  # fmt: skip
     return partial.sum(1), grad

@@ -174,21 +174,26 @@ def gae_variants() -> Iterator[Variant]:
                 },
                 aligned=("stride_row", "CHUNK"),
             )  # fmt: skip
-    # discounted_returns_fwd: BLOCK = 1024 on CUDA, T passed twice (length and row stride).
-    for r, m, acc, one in (
-        ("fp32", "u8", F32, False),
-        ("bf16", "fp32", F32, False),
-        ("fp64", "u8", F64, False),
-        ("fp32", "u8", F32, True),
+    # discounted_returns_fwd: BLOCK = 1024 on CUDA, T passed twice (length and row stride); packed:
+    # cu_seqlens int64 on the device (otherwise the cu pointer is rewards).
+    for r, m, acc, one, packed in (
+        ("fp32", "u8", F32, False, False),
+        ("bf16", "fp32", F32, False, False),
+        ("fp64", "u8", F64, False, False),
+        ("fp32", "u8", F32, True, False),
+        ("fp32", "u8", F32, False, True),
+        ("fp64", "fp64", F64, False, True),
     ):
         out = "fp64" if acc == F64 else "fp32"
         length = Const(1) if one else "i32"
         yield Variant(
             gae._discounted_returns_kernel,
-            f"{'T=1,' if one else ''}r={r},m={m},ACC={out},BLOCK=1024",
+            f"{'T=1,' if one else ''}r={r},m={m},ACC={out},PACKED={packed},BLOCK=1024",
             {
-                "r_ptr": _ptr(r), "m_ptr": _ptr(m), "out_ptr": _ptr(out), "T": length,
-                "stride_row": length, **_scalars("gamma"), "ACC": Const(acc), "BLOCK": Const(1024),
+                "r_ptr": _ptr(r), "m_ptr": _ptr(m), "out_ptr": _ptr(out),
+                "cu_ptr": "*i64" if packed else _ptr(r), "T": length, "stride_row": length,
+                **_scalars("gamma"), "PACKED": Const(packed),
+                "ACC": Const(acc), "BLOCK": Const(1024),
             },
         )  # fmt: skip
 
@@ -198,24 +203,27 @@ def gae_variants() -> Iterator[Variant]:
 
 def logprobs_variants() -> Iterator[Variant]:
     # token_logprobs_fwd/bwd: logits fp32/bf16/fp16 (fp64 goes to the CPU implementation), labels
-    # int64, statistics fp32, d logits in the logits' dtype; BLOCK_V = min(next_pow2(V), 4096).
-    for x, block_v in (("fp32", 4096), ("bf16", 4096), ("fp16", 1024)):
-        tail = {"inv_temp": "fp32", "ignore_index": "i32", "BLOCK_V": Const(block_v)}
+    # int64, statistics and the logit floor fp32, d logits in the logits' dtype; BLOCK_V =
+    # min(next_pow2(V), 4096); without a floor its pointer is lse's.
+    for x, block_v, floor in (("fp32", 4096, True), ("bf16", 4096, False), ("fp16", 1024, True)):
+        tail = {
+            "inv_temp": "fp32", "ignore_index": "i32", "HAS_FLOOR": Const(floor), "BLOCK_V": Const(block_v)
+        }  # fmt: skip
         yield Variant(
             logprobs._token_logprobs_fwd_kernel,
-            f"x={x},BLOCK_V={block_v}",
+            f"x={x},HAS_FLOOR={floor},BLOCK_V={block_v}",
             {
-                "x_ptr": _ptr(x), "labels_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
-                "lse_ptr": "*fp32", "V": "i32", "stride_xn": "i32", **tail,
+                "x_ptr": _ptr(x), "labels_ptr": "*i64", "floor_ptr": "*fp32", "logp_ptr": "*fp32",
+                "ent_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32", "stride_xn": "i32", **tail,
             },
         )  # fmt: skip
         yield Variant(
             logprobs._token_logprobs_bwd_kernel,
-            f"x={x},BLOCK_V={block_v}",
+            f"x={x},HAS_FLOOR={floor},BLOCK_V={block_v}",
             {
-                "x_ptr": _ptr(x), "dx_ptr": _ptr(x), "labels_ptr": "*i64", "lse_ptr": "*fp32",
-                "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "V": "i32",
-                "stride_xn": "i32", "stride_dxn": "i32", **tail,
+                "x_ptr": _ptr(x), "dx_ptr": _ptr(x), "labels_ptr": "*i64", "floor_ptr": "*fp32",
+                "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32",
+                "V": "i32", "stride_xn": "i32", "stride_dxn": "i32", **tail,
             },
         )  # fmt: skip
     # Fused lm_head kernels: autotuned on CUDA over _matmul_configs(dtype); every config in bf16
@@ -225,20 +233,24 @@ def logprobs_variants() -> Iterator[Variant]:
     cases = [("bf16", False, cfg) for cfg in configs]
     cases += [("fp32", i == 0, cfg) for i, cfg in enumerate(logprobs._matmul_configs(torch.float32))]
     cases += [("fp16", True, configs[-1])]
-    for x, has_bias, cfg in cases:
+    for i, (x, has_bias, cfg) in enumerate(cases):
+        has_floor = i % 2 == 1  # both branches of the logit floor, across configs and dtypes
         # Sizes divisible by 16 (hidden 4096 ...), except fp16, which stands for vocab 50257 / odd H.
         label = ",".join(
-            [f"x={x}", f"HAS_BIAS={has_bias}"]
+            [f"x={x}", f"HAS_BIAS={has_bias}", f"HAS_FLOOR={has_floor}"]
             + [f"{k}={v}" for k, v in cfg.kwargs.items()]
             + [f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"]
         )
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         flags = {
             "HAS_BIAS": Const(has_bias),
+            "HAS_FLOOR": Const(has_floor),
             **{k: Const(v) for k, v in cfg.kwargs.items()},
             "DOT_PRECISION": Const("ieee" if x == "fp32" else "tf32"),
         }
-        operands = {"h_ptr": _ptr(x), "w_ptr": _ptr(x), "b_ptr": _ptr(x), "labels_ptr": "*i64"}
+        operands = {
+            "h_ptr": _ptr(x), "w_ptr": _ptr(x), "b_ptr": _ptr(x), "labels_ptr": "*i64", "floor_ptr": "*fp32"
+        }  # fmt: skip
         sizes = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32"}
         aligned = ("V", "H", "stride_hn", "stride_wv", "stride_dzn", "split_cols") if x != "fp16" else ()
         yield Variant(
@@ -257,7 +269,7 @@ def logprobs_variants() -> Iterator[Variant]:
             {
                 **operands, "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32",
                 "g_ent_ptr": "*fp32", "dz_ptr": _ptr(x), **sizes, "stride_dzn": "i32",
-                "inv_temp": "fp32", **flags,
+                "inv_temp": "fp32", "ignore_index": "i32", **flags,
             },
             aligned=aligned,
             options=options,

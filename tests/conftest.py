@@ -1,8 +1,11 @@
-"""Test setup: every Triton kernel runs on CPU under the interpreter when CUDA is absent."""
+"""Test setup: every Triton kernel runs on CPU under the interpreter when CUDA is absent; the float64
+oracles (tests/oracles.py) import as ``oracles``."""
 
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 import zlib
 
 import torch
@@ -12,6 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+
+# --import-mode=importlib puts no test directory on sys.path: this one makes `from oracles import ...`
+# work in every test module.
+_TESTS = str(pathlib.Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["cpu", "triton"]
@@ -27,7 +36,10 @@ def _seed(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest):
     """Run a test once per implementation: Triton under the interpreter when CUDA is absent; with
-    CUDA, the triton case makes CUDA the default device so its tensors reach the compiled kernels."""
+    CUDA, the triton case makes CUDA the default device so its tensors reach the compiled kernels.
+    A Triton-only test takes it as ``@pytest.mark.parametrize("backend", ["triton"], indirect=True)``
+    (and its tensors on ``backend_device``), never a bare ``backend="triton"`` on CPU tensors, which
+    fails on a CUDA machine (the interpreter is off there)."""
     if request.param == "triton" and HAS_CUDA:
         torch.set_default_device("cuda")
         try:

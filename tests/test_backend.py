@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -47,18 +49,124 @@ def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
         backend.resolve("triton", CPU)
 
 
-def test_environment_variable_drives_ops(monkeypatch, device):
-    r = torch.randn(2, 9, dtype=torch.float64, device=device)
-    m = torch.ones(2, 9, device=device)
+def _entry_points():
+    """For each op (a call on tensors of ``device``), the CPU and Triton functions it dispatches to,
+    as (module, name) pairs the ops look up at call time."""
+    from alignkit.cpu import advantages as cpu_advantages
+    from alignkit.cpu import logprobs as cpu_logprobs
+    from alignkit.cpu import losses as cpu_losses
+    from alignkit.kernels import gae as gae_kernels
+    from alignkit.kernels import logprobs as logprob_kernels
+    from alignkit.kernels import ppo_loss as loss_kernels
+
+    def gae(d):
+        r = torch.randn(2, 9, device=d)
+        return alignkit.gae(r, r, torch.ones(2, 9, device=d), gamma=0.9, lam=0.9)[0]
+
+    def discounted_returns_packed(d):
+        r = torch.randn(9, device=d)
+        return alignkit.discounted_returns_packed(r, torch.ones(9, device=d), [0, 4, 9], gamma=0.9)
+
+    def token_logprobs(d):
+        return alignkit.token_logprobs(torch.randn(3, 7, device=d), torch.tensor([0, 6, 2], device=d))
+
+    def ppo_policy_loss(d):
+        logp, advantages, mask = -torch.rand(2, 5, device=d), torch.randn(2, 5, device=d), torch.ones(2, 5)
+        return alignkit.ppo_policy_loss(logp, logp - 0.1, advantages, mask.to(d))[0]
+
+    def value_loss(d):
+        x = torch.randn(2, 5, device=d)
+        return alignkit.value_loss(x, x, torch.zeros(2, 5, device=d), torch.ones(2, 5, device=d))[0]
+
+    return {
+        "gae": (gae, (cpu_advantages, "gae"), (gae_kernels, "gae_fwd")),
+        "discounted_returns_packed": (
+            discounted_returns_packed,
+            (cpu_advantages, "discounted_returns_packed"),
+            (gae_kernels, "discounted_returns_fwd"),
+        ),
+        "token_logprobs": (
+            token_logprobs,
+            (cpu_logprobs, "token_logprobs_fwd"),
+            (logprob_kernels, "token_logprobs_fwd"),
+        ),
+        "ppo_policy_loss": (ppo_policy_loss, (cpu_losses, "policy_fwd"), (loss_kernels, "policy_fwd")),
+        "value_loss": (value_loss, (cpu_losses, "value_fwd"), (loss_kernels, "value_fwd")),
+    }
+
+
+def _spy(monkeypatch, module, name) -> mock.Mock:
+    spy = mock.Mock(wraps=getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    return spy
+
+
+@pytest.mark.parametrize(
+    "op", ["gae", "discounted_returns_packed", "token_logprobs", "ppo_policy_loss", "value_loss"]
+)
+def test_environment_variable_drives_ops(monkeypatch, device, op):
+    """$ALIGNKIT_BACKEND picks the implementation that runs (spied on), on CPU and CUDA tensors
+    alike, and both compute the same result; "auto" picks by device."""
+    call, cpu_entry, triton_entry = _entry_points()[op]
+    cpu_spy, triton_spy = _spy(monkeypatch, *cpu_entry), _spy(monkeypatch, *triton_entry)
+    results = {}
+    for choice in ("triton", "cpu"):
+        monkeypatch.setenv(backend.ENV_VAR, choice)
+        cpu_spy.reset_mock()
+        triton_spy.reset_mock()
+        torch.manual_seed(0)
+        results[choice] = call(device)
+        ran, skipped = (triton_spy, cpu_spy) if choice == "triton" else (cpu_spy, triton_spy)
+        assert ran.called, f"{op}: ALIGNKIT_BACKEND={choice} did not run the {choice} implementation"
+        assert not skipped.called, f"{op}: ALIGNKIT_BACKEND={choice} ran the other implementation"
+    torch.testing.assert_close(results["triton"].cpu(), results["cpu"].cpu())
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    cpu_spy.reset_mock()
+    triton_spy.reset_mock()
+    call(device)
+    auto_ran = triton_spy if device.type == "cuda" else cpu_spy
+    assert auto_ran.called and not (cpu_spy if auto_ran is triton_spy else triton_spy).called
+
+
+def test_backend_argument_beats_environment_in_ops(monkeypatch, device):
+    from alignkit.cpu import advantages as cpu_advantages
+    from alignkit.kernels import gae as gae_kernels
+
+    cpu_spy = _spy(monkeypatch, cpu_advantages, "gae")
+    triton_spy = _spy(monkeypatch, gae_kernels, "gae_fwd")
+    r = torch.randn(2, 9, device=device)
     monkeypatch.setenv(backend.ENV_VAR, "triton")
-    via_triton = alignkit.gae(r, r, m, 0.9, 0.9)
+    alignkit.gae(r, r, torch.ones(2, 9, device=device), backend="cpu")
+    assert cpu_spy.called and not triton_spy.called
+    cpu_spy.reset_mock()
     monkeypatch.setenv(backend.ENV_VAR, "cpu")
-    via_cpu = alignkit.gae(r, r, m, 0.9, 0.9)
-    torch.testing.assert_close(via_triton, via_cpu)
+    alignkit.gae(r, r, torch.ones(2, 9, device=device), backend="triton")
+    assert triton_spy.called and not cpu_spy.called
+
+
+# Every public op that dispatches between the CPU implementation and the Triton kernels.
+DISPATCHING_OPS = (
+    "gae",
+    "gae_packed",
+    "discounted_returns",
+    "discounted_returns_packed",
+    "token_logprobs",
+    "fused_linear_logprobs",
+    "causal_lm_logprobs",
+    "ppo_policy_loss",
+    "value_loss",
+    "fused_linear_ppo_loss",
+)
 
 
 def test_describe_lists_every_registered_op(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     table = backend.describe()
-    assert {"gae", "gae_packed", "discounted_returns"} <= set(table)
+    missing = set(DISPATCHING_OPS) - set(table)
+    assert not missing, f"ops missing from backend.describe(): {sorted(missing)}"
+    assert set(table) <= set(alignkit.__all__), "describe() lists a name that is not a public op"
     assert all(row["cpu"] == "cpu" for row in table.values())
+    expected_cuda = "triton" if kernels.HAS_TRITON else "cpu"
+    assert all(row["cuda"] == expected_cuda for row in table.values())
+    monkeypatch.setenv(backend.ENV_VAR, "cpu")
+    assert all(row == {"cpu": "cpu", "cuda": "cpu"} for row in backend.describe().values())

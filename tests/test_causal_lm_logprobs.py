@@ -1,11 +1,12 @@
 """causal_lm_logprobs on tiny Llama / Qwen2 / GPT-2 models (built from configs, saved and reloaded
-with from_pretrained: no hub access) against log_softmax of the model's own logits."""
+with from_pretrained: no hub access) against log_softmax of the model's own logits, in float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from oracles import IGNORE, ref_logprobs
 
 import alignkit
 
@@ -51,19 +52,20 @@ def _batch(batch=2, length=9):
 
 
 def _reference(model, input_ids, mask, temperature):
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].double() / temperature
-    log_p = torch.log_softmax(logits, -1)
-    logp = log_p.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    ent = -(log_p.exp() * log_p).sum(-1)
-    keep = mask[:, 1:].bool()
-    return logp * keep, ent * keep
+    """The float64 log-prob oracle on the model's own logits; padding tokens are not scored."""
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+    return ref_logprobs(logits, labels, temperature)
 
 
-@pytest.mark.parametrize(("dtype", "backend"), [(torch.float64, "cpu"), (torch.float32, "triton")])
-def test_causal_lm_logprobs_matches_model_logits(model_dir, dtype, backend):
-    model = _load(model_dir, dtype)
-    input_ids, mask = _batch()
-    g_logp, g_ent = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+# backend goes through the conftest fixture (indirect): on a CUDA machine its triton case runs on CUDA.
+@pytest.mark.parametrize(
+    ("dtype", "backend"), [(torch.float64, "cpu"), (torch.float32, "triton")], indirect=["backend"]
+)
+def test_causal_lm_logprobs_matches_model_logits(model_dir, dtype, backend, backend_device):
+    model = _load(model_dir, dtype).to(backend_device)
+    input_ids, mask = (t.to(backend_device) for t in _batch())
+    g_logp, g_ent = (torch.randn(2, 8, dtype=torch.float64, device=backend_device) for _ in range(2))
     params = [p for p in model.parameters() if p.requires_grad]
 
     logp, ent = alignkit.causal_lm_logprobs(
@@ -115,8 +117,14 @@ def test_causal_lm_logprobs_bad_input(model_dir):
         alignkit.causal_lm_logprobs(model, input_ids, mask[:, :-1])
     with pytest.raises(ValueError, match="input_ids"):
         alignkit.causal_lm_logprobs(model, input_ids[:, :1], mask[:, :1])
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
         alignkit.causal_lm_logprobs(model, input_ids.float(), mask)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 96\)"):
+        alignkit.causal_lm_logprobs(model, torch.full_like(input_ids, VOCAB), mask)
+    with pytest.raises(ValueError, match="position_ids"):
+        alignkit.causal_lm_logprobs(model, input_ids, mask, position_ids=torch.zeros(3, 9, dtype=torch.long))
+    with pytest.raises(TypeError):  # options are keyword-only
+        alignkit.causal_lm_logprobs(model, input_ids, mask, None, 0)
     with pytest.raises(ValueError, match="logits_to_keep"):
         alignkit.causal_lm_logprobs(model, input_ids, mask, logits_to_keep=-1)
     with pytest.raises(ValueError, match="temperature"):

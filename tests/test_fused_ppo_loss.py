@@ -1,31 +1,25 @@
 """alignkit.fused_linear_ppo_loss against a float64 oracle and against the unfused composition
 ``ppo_policy_loss(*fused_linear_logprobs(..., return_entropy=True))``, in value and gradients.
 
-Oracle: logits = hidden @ W^T + b in float64, log_softmax, then the policy-loss oracle of
-tests/test_losses.py; gradients are autograd through it. The CPU backend runs every schedule
-(single pass with whole-row and part-row chunks, two phases for GSPO); Triton (interpreted without
-CUDA) runs the two-phase schedule on a representative subset.
+Oracle: logits = hidden @ W^T + b in float64, then the log-prob and policy-loss oracles of
+tests/oracles.py; gradients are autograd through it. The CPU backend runs every schedule (single
+pass with whole-row and part-row chunks, two phases for GSPO); Triton (interpreted without CUDA,
+compiled on CUDA tensors with one) runs the two-phase schedule on a representative subset.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
+from oracles import assert_close, ref_logprobs, ref_policy
 
-from alignkit import fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss
+from alignkit import PolicyLossConfig, fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss
 
-_spec = importlib.util.spec_from_file_location(
-    "_loss_oracle", pathlib.Path(__file__).with_name("test_losses.py")
-)
-_oracle = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_oracle)
-ref_policy, assert_close = _oracle.ref_policy, _oracle.assert_close
+# A Triton-only test: the backend fixture's triton case (CUDA tensors when CUDA is present).
+triton_only = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
 
-def make_inputs(B=3, T=12, H=16, V=40, dtype=torch.float32, bias=True, ignore=True):
+def make_inputs(B=3, T=12, H=16, V=40, dtype=torch.float32, bias=True, ignore=True, device=None):
     hidden = torch.randn(B, T, H)
     weight = 0.3 * torch.randn(V, H)
     labels = torch.randint(0, V, (B, T))
@@ -35,7 +29,7 @@ def make_inputs(B=3, T=12, H=16, V=40, dtype=torch.float32, bias=True, ignore=Tr
         labels[0, :2] = -100  # prompt positions: ignored labels, masked
         mask[0, :2] = False
     logp_guess = -torch.rand(B, T) * 4 - 1.5
-    return {
+    inputs = {
         "hidden": hidden.to(dtype),
         "weight": weight.to(dtype),
         "bias": (0.1 * torch.randn(V)).to(dtype) if bias else None,
@@ -46,6 +40,7 @@ def make_inputs(B=3, T=12, H=16, V=40, dtype=torch.float32, bias=True, ignore=Tr
         "ref_logp": logp_guess + 0.5 * torch.randn(B, T),
         "is_weights": 2 * torch.rand(B, T),
     }
+    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
 
 
 def leaves(inputs, dtype=None):
@@ -61,12 +56,7 @@ def oracle(inputs, temperature, opts):
     logits = p["hidden"] @ p["weight"].T
     if p["bias"] is not None:
         logits = logits + p["bias"]
-    logsm = torch.log_softmax(logits / temperature, dim=-1)
-    valid = inputs["labels"] != -100
-    logp = logsm.gather(-1, inputs["labels"].clamp(min=0)[..., None]).squeeze(-1)
-    ent = -(logsm.exp() * logsm).sum(-1)
-    zero = torch.zeros((), dtype=torch.float64)
-    logp, ent = torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+    logp, ent = ref_logprobs(logits, inputs["labels"], temperature)
     kw = {k: inputs[k].double() for k in ("is_weights", "ref_logp") if k in opts.get("_extras", ())}
     opts = {k: v for k, v in opts.items() if not k.startswith("_")}
     total, metrics, magnitude = ref_policy(
@@ -192,9 +182,10 @@ def test_fused_matches_oracle_and_composition_cpu(opts, temperature, chunk_size)
     check(make_inputs(bias=temperature == 1.0), "cpu", temperature, opts, chunk_size)
 
 
+@triton_only
 @pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[3], OPTIONS[4]], ids=_opt_id)
-def test_fused_matches_oracle_and_composition_triton(opts):
-    check(make_inputs(B=2, T=8, H=16, V=48), "triton", 0.7, opts)
+def test_fused_matches_oracle_and_composition_triton(backend, backend_device, opts):
+    check(make_inputs(B=2, T=8, H=16, V=48, device=backend_device), backend, 0.7, opts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -259,6 +250,66 @@ def test_no_grad_and_frozen_weight():
     )
     loss.backward()
     assert_close(hidden.grad, oracle(inputs, 1.0, {})[3][0], 1e-5)
+
+
+def _fused_outputs(inputs, backend, **kwargs):
+    p = leaves(inputs)
+    loss, metrics = fused_linear_ppo_loss(
+        p["hidden"], p["weight"], inputs["labels"], inputs["old_logp"], inputs["advantages"], inputs["mask"],
+        bias=p["bias"], ref_logp=inputs["ref_logp"], backend=backend, **kwargs,
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), metrics, [p[k].grad for k in ("hidden", "weight", "bias")]
+
+
+def _assert_same(a, b):
+    assert torch.equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    for x, y in zip(a[2], b[2], strict=True):
+        assert torch.equal(x, y)
+
+
+CONFIG = {"clip_high": 0.28, "dual_clip": None, "agg": "seq-mean-token-mean", "kl_coef": 0.1,
+          "kl_estimator": "low_var_kl", "entropy_coef": 0.01}  # fmt: skip
+
+
+def test_config_equals_keywords_and_keywords_override(backend, backend_device):
+    inputs = make_inputs(B=2, T=8, V=48, device=backend_device)
+    by_config = _fused_outputs(inputs, backend, config=PolicyLossConfig(**CONFIG))
+    _assert_same(by_config, _fused_outputs(inputs, backend, **CONFIG))
+    overrides = {"agg": "token-mean", "kl_estimator": "k2", "dual_clip": 3.0}
+    got = _fused_outputs(inputs, backend, config=PolicyLossConfig(**CONFIG), **overrides)
+    _assert_same(got, _fused_outputs(inputs, backend, **{**CONFIG, **overrides}))
+    assert not torch.equal(got[0], by_config[0])
+    with pytest.raises(ValueError, match=r"^kl_estimator must be one of"):
+        _fused_outputs(inputs, backend, config=PolicyLossConfig(**CONFIG), kl_estimator="full")
+    with pytest.raises(TypeError, match="config must be an alignkit.PolicyLossConfig"):
+        _fused_outputs(inputs, backend, config=CONFIG)
+
+
+# The Triton interpreter computes with NumPy, which warns on the NaN/inf arithmetic of rows that are
+# selected away afterwards (the compiled kernels compute the same dead lanes silently).
+@pytest.mark.filterwarnings(
+    "ignore:(invalid value|overflow|divide by zero|All-NaN slice) encountered:RuntimeWarning"
+)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_garbage_hidden_at_masked_positions_does_not_leak(backend, backend_device, fill):
+    """Hidden states at masked / ignored positions (padding) may hold NaN/inf: the loss, the metrics
+    and every gradient (d hidden at live positions, d weight, d bias) are those of clean inputs."""
+    clean = make_inputs(B=2, T=8, V=48, device=backend_device)
+    live = clean["mask"] & (clean["labels"] != -100)
+    poisoned = dict(clean, hidden=clean["hidden"].masked_fill(~live[..., None], fill))
+    # CPU: the single pass (one block, part-row blocks) and GSPO's two phases; Triton: two phases.
+    schedules = (
+        ({}, {"chunk_size": 3}, {"ratio_level": "sequence"}) if backend == "cpu" else ({"chunk_size": 3},)
+    )
+    for schedule in schedules:
+        opts = {"kl_coef": 0.1, "entropy_coef": 0.01, **schedule}
+        a, b = _fused_outputs(clean, backend, **opts), _fused_outputs(poisoned, backend, **opts)
+        assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+        assert torch.equal(a[2][0][live], b[2][0][live]), "d hidden"
+        assert torch.equal(a[2][1], b[2][1]) and torch.equal(a[2][2], b[2][2]), "d weight / d bias"
+        assert torch.isfinite(b[2][1]).all() and torch.isfinite(b[2][2]).all()
 
 
 BAD = [

@@ -1,28 +1,17 @@
-"""token_logprobs / fused_linear_logprobs against a float64 oracle (conventions.md, "Log-probs and
-entropy"), on both backends (Triton under the interpreter without CUDA: small sizes, fp32 for the
-tl.dot kernels, whose bf16 products the interpreter does not emulate)."""
+"""token_logprobs / fused_linear_logprobs against the float64 oracle of tests/oracles.py
+(docs/formulas.md, "Log-probs and entropy"), on both backends (Triton under the interpreter without
+CUDA: small sizes, fp32 for the tl.dot kernels, whose bf16 products the interpreter does not
+emulate)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from oracles import IGNORE, ref_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignkit
 from alignkit.kernels import logprobs as kernels
-
-IGNORE = -100
-
-
-def oracle(logits, labels, temperature=1.0, ignore_index=IGNORE, dtype=torch.float64):
-    """logp and entropy computed plainly (log_softmax, gather) in ``dtype``; ignored rows give 0."""
-    z = logits.to(dtype) / temperature
-    log_p = torch.log_softmax(z, dim=-1)
-    keep = labels != ignore_index
-    logp = log_p.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
-    ent = -(log_p.exp() * log_p).sum(-1)
-    zero = torch.zeros_like(logp)
-    return torch.where(keep, logp, zero), torch.where(keep, ent, zero)
 
 
 def make_labels(shape, vocab, ignored=0.2):
@@ -72,16 +61,16 @@ def test_token_logprobs_matches_fp64(backend, case):
 
     (d_fast,), (logp, ent) = grads_of(
         lambda: alignkit.token_logprobs(
-            logits, labels, temperature, return_entropy=True, backend=backend
+            logits, labels, temperature=temperature, return_entropy=True, backend=backend
         ),
         [logits], g_logp, g_ent,
     )  # fmt: skip
     (d_plain,), (lp_plain, ent_plain) = grads_of(
-        lambda: oracle(logits, labels, temperature, dtype=torch.float32), [logits], g_logp, g_ent
+        lambda: ref_logprobs(logits, labels, temperature, dtype=torch.float32), [logits], g_logp, g_ent
     )
     exact64 = logits.detach().double().requires_grad_()
     (d_exact,), (lp_exact, ent_exact) = grads_of(
-        lambda: oracle(exact64, labels, temperature), [exact64], g_logp, g_ent
+        lambda: ref_logprobs(exact64, labels, temperature), [exact64], g_logp, g_ent
     )
     assert logp.dtype == torch.float32 and logp.shape == labels.shape
     assert_no_worse(logp, lp_plain, lp_exact, 1e-5, "logp")
@@ -104,10 +93,12 @@ def test_token_logprobs_half_precision(backend, dtype):
         [logits], g_logp, g_ent,
     )  # fmt: skip
     (d_plain,), (lp_plain, ent_plain) = grads_of(
-        lambda: oracle(logits, labels, dtype=dtype), [logits], g_logp, g_ent
+        lambda: ref_logprobs(logits, labels, dtype=dtype), [logits], g_logp, g_ent
     )
     exact64 = logits.detach().double().requires_grad_()
-    (d_exact,), (lp_exact, ent_exact) = grads_of(lambda: oracle(exact64, labels), [exact64], g_logp, g_ent)
+    (d_exact,), (lp_exact, ent_exact) = grads_of(
+        lambda: ref_logprobs(exact64, labels), [exact64], g_logp, g_ent
+    )
     assert logp.dtype == torch.float32 and d_fast.dtype == dtype
     assert_no_worse(logp, lp_plain, lp_exact, 1e-2, "logp")
     assert_no_worse(ent, ent_plain, ent_exact, 1e-2, "entropy")
@@ -122,10 +113,12 @@ def test_token_logprobs_extremes(backend, temperature, scale):
     logits = (scale * torch.randn(6, vocab)).requires_grad_()
     logits.data[0, :] = scale  # a flat row: maximal entropy log V
     labels = make_labels((6,), vocab, ignored=0.0)
-    logp, ent = alignkit.token_logprobs(logits, labels, temperature, return_entropy=True, backend=backend)
+    logp, ent = alignkit.token_logprobs(
+        logits, labels, temperature=temperature, return_entropy=True, backend=backend
+    )
     check_invariants(logp, ent)
-    lp_exact, ent_exact = oracle(logits.detach(), labels, temperature)
-    lp_plain, ent_plain = oracle(logits.detach(), labels, temperature, dtype=torch.float32)
+    lp_exact, ent_exact = ref_logprobs(logits.detach(), labels, temperature)
+    lp_plain, ent_plain = ref_logprobs(logits.detach(), labels, temperature, dtype=torch.float32)
     # logp reaches -3e5 here: allow two fp32 ulps of the result on top of plain torch's error
     tol = 1e-5 + 2.4e-7 * lp_exact.abs().max().item()
     assert_no_worse(logp, lp_plain, lp_exact, tol, "logp")
@@ -176,7 +169,7 @@ def test_token_logprobs_masked_vocabulary(backend):
     g_logp, g_ent = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     xf = x.clone().requires_grad_()
     (grad,), (logp, ent) = grads_of(
-        lambda: alignkit.token_logprobs(xf, labels, 0.7, return_entropy=True, backend=backend),
+        lambda: alignkit.token_logprobs(xf, labels, temperature=0.7, return_entropy=True, backend=backend),
         [xf], g_logp, g_ent,
     )  # fmt: skip
     check_invariants(logp, ent)
@@ -185,7 +178,7 @@ def test_token_logprobs_masked_vocabulary(backend):
     ref = x[:, :live].double().clone()
     ref[2, 5] = -1e4
     ref.requires_grad_()
-    (ref_grad,), (ref_logp, ref_ent) = grads_of(lambda: oracle(ref, labels, 0.7), [ref], g_logp, g_ent)
+    (ref_grad,), (ref_logp, ref_ent) = grads_of(lambda: ref_logprobs(ref, labels, 0.7), [ref], g_logp, g_ent)
     torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad[:, :live].double(), ref_grad, rtol=1e-4, atol=1e-5)
@@ -203,7 +196,7 @@ def test_fused_linear_logprobs_masked_vocabulary(backend):
     g_logp, g_ent = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
     fused_grads, (logp, ent) = grads_of(
         lambda: alignkit.fused_linear_logprobs(
-            hidden, weight, labels, bias, return_entropy=True, chunk_size=4, backend=backend
+            hidden, weight, labels, bias=bias, return_entropy=True, chunk_size=4, backend=backend
         ),
         [hidden, weight], g_logp, g_ent,
     )  # fmt: skip
@@ -224,7 +217,7 @@ def test_token_logprobs_gradcheck_fp64():
     labels = torch.tensor([0, 6, IGNORE, 3, 2])
 
     def fn(x):
-        return alignkit.token_logprobs(x, labels, 0.6, return_entropy=True, backend="cpu")
+        return alignkit.token_logprobs(x, labels, temperature=0.6, return_entropy=True, backend="cpu")
 
     assert torch.autograd.gradcheck(fn, (logits,))
 
@@ -255,16 +248,20 @@ def test_fused_linear_logprobs_matches_fp64(backend, case, with_bias):
 
     fast_grads, (logp, ent) = grads_of(
         lambda: alignkit.fused_linear_logprobs(
-            hidden, weight, labels, bias, temperature, return_entropy=True, chunk_size=100, backend=backend
+            hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True, chunk_size=100,
+            backend=backend,
         ),
         params, g_logp, g_ent,
     )  # fmt: skip
     plain_grads, (lp_plain, ent_plain) = grads_of(
-        lambda: oracle(logits_of(params), labels, temperature, dtype=torch.float32), params, g_logp, g_ent
+        lambda: ref_logprobs(logits_of(params), labels, temperature, dtype=torch.float32),
+        params,
+        g_logp,
+        g_ent,
     )
     exact = [p.detach().double().requires_grad_() for p in params]
     exact_grads, (lp_exact, ent_exact) = grads_of(
-        lambda: oracle(logits_of(exact), labels, temperature), exact, g_logp, g_ent
+        lambda: ref_logprobs(logits_of(exact), labels, temperature), exact, g_logp, g_ent
     )
     assert_no_worse(logp, lp_plain, lp_exact, 1e-5, "logp")
     assert_no_worse(ent, ent_plain, ent_exact, 1e-5, "entropy")
@@ -284,7 +281,7 @@ def test_fused_linear_logprobs_leading_dims_and_chunks(backend):
     weight = torch.randn(70, 24) / 5
     labels = make_labels((2, 5), 70)
     whole = alignkit.fused_linear_logprobs(hidden, weight, labels, return_entropy=True, backend=backend)
-    expected = oracle(hidden @ weight.T, labels)
+    expected = ref_logprobs(hidden @ weight.T, labels)
     for got, exp in zip(whole, expected, strict=True):
         assert got.shape == (2, 5)
         torch.testing.assert_close(got.double(), exp, rtol=0, atol=1e-5)
@@ -304,16 +301,18 @@ def test_fused_linear_logprobs_leading_dims_and_chunks(backend):
 
 
 @pytest.mark.parametrize("splits", [2, 3, 100])
-def test_fused_kernel_vocabulary_splits(splits):
+def test_fused_kernel_vocabulary_splits(device, splits):
     """Split-vocabulary programs (partial statistics combined on the host) match one split."""
     hidden, weight, bias = torch.randn(20, 40), torch.randn(250, 40) / 4, torch.randn(250)
     labels = make_labels((20,), 250)
+    hidden, weight, bias, labels = (t.to(device) for t in (hidden, weight, bias, labels))
     one = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=1)
     many = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=splits)
-    exact = oracle(hidden @ weight.T + bias, labels, 1.3)
+    exact = ref_logprobs(hidden @ weight.T + bias, labels, 1.3)
     for a, b, e in zip(one[:2], many[:2], exact, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
         torch.testing.assert_close(b.double(), e, rtol=0, atol=1e-5)
+    assert all(t.device == hidden.device for t in many)
 
 
 @pytest.mark.parametrize("temperature", [0.1, 10.0])
@@ -326,7 +325,9 @@ def test_fused_linear_logprobs_extremes(backend, temperature):
         hidden, weight, labels, temperature=temperature, return_entropy=True, backend=backend
     )
     check_invariants(logp, ent)
-    lp_exact, ent_exact = oracle(hidden.detach().double() @ weight.detach().double().T, labels, temperature)
+    lp_exact, ent_exact = ref_logprobs(
+        hidden.detach().double() @ weight.detach().double().T, labels, temperature
+    )
     # logits ~1e4 formed in fp32 carry absolute error ~1e-3 before division by T
     tol = 2e-2 / temperature
     assert max_err(logp, lp_exact) <= tol and max_err(ent, ent_exact) <= tol
@@ -357,7 +358,7 @@ def test_fused_linear_logprobs_gradcheck_fp64():
 
     def fn(h, w, b):
         return alignkit.fused_linear_logprobs(
-            h, w, labels, b, temperature=1.7, return_entropy=True, chunk_size=4, backend="cpu"
+            h, w, labels, bias=b, temperature=1.7, return_entropy=True, chunk_size=4, backend="cpu"
         )
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
@@ -373,10 +374,12 @@ def test_fused_linear_logprobs_bf16_cpu():
         [hidden, weight], g_logp, g_ent,
     )  # fmt: skip
     plain, (lp_plain, ent_plain) = grads_of(
-        lambda: oracle(hidden @ weight.T, labels, dtype=torch.bfloat16), [hidden, weight], g_logp, g_ent
+        lambda: ref_logprobs(hidden @ weight.T, labels, dtype=torch.bfloat16), [hidden, weight], g_logp, g_ent
     )
     exact = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
-    ref, (lp_exact, ent_exact) = grads_of(lambda: oracle(exact[0] @ exact[1].T, labels), exact, g_logp, g_ent)
+    ref, (lp_exact, ent_exact) = grads_of(
+        lambda: ref_logprobs(exact[0] @ exact[1].T, labels), exact, g_logp, g_ent
+    )
     assert_no_worse(logp, lp_plain, lp_exact, 1e-2, "logp")
     assert_no_worse(ent, ent_plain, ent_exact, 1e-2, "entropy")
     for f, p, e in zip(fast, plain, ref, strict=True):
@@ -412,6 +415,78 @@ def test_fused_linear_logprobs_never_forms_the_logits(backend):
         (logp.sum() + ent.sum()).backward()
     assert probe.largest <= max(chunk * vocab, vocab * hdim), probe.largest
     assert probe.largest < n * vocab
+
+
+# The Triton interpreter computes with NumPy, which warns on the NaN/inf arithmetic of rows that are
+# selected away afterwards (compiled kernels compute those dead lanes silently).
+ignore_dead_lane_warnings = pytest.mark.filterwarnings(
+    "ignore:(invalid value|overflow|divide by zero|All-NaN slice) encountered:RuntimeWarning"
+)
+
+
+@ignore_dead_lane_warnings
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_token_logprobs_garbage_at_ignored_positions_does_not_leak(backend, fill, inplace_backward):
+    """Logits rows whose label is ignore_index (padding) may hold NaN/inf: every live output and
+    gradient is that of clean inputs, and the ignored rows get logp = H = 0 and d logits = 0."""
+    logits = 3 * torch.randn(8, 40)
+    labels = make_labels((8,), 40, ignored=0.4)
+    labels[:2] = torch.tensor([IGNORE, 3])
+    ignored = labels == IGNORE
+    g_logp, g_ent = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    results = []
+    for data in (logits, logits.masked_fill(ignored[:, None], fill)):
+        leaf = data.clone().requires_grad_()
+        x = leaf * 1.0 if inplace_backward else leaf  # inplace_backward needs a non-leaf
+        (grad,), (logp, ent) = grads_of(
+            lambda x=x: alignkit.token_logprobs(
+                x, labels, temperature=0.8, return_entropy=True, inplace_backward=inplace_backward,
+                backend=backend,
+            ),
+            [leaf], g_logp, g_ent,
+        )  # fmt: skip
+        results.append((logp, ent, grad))
+    (logp, ent, grad), (dirty_logp, dirty_ent, dirty_grad) = results
+    assert torch.equal(dirty_logp, logp) and torch.equal(dirty_ent, ent)
+    assert torch.equal(dirty_grad[~ignored], grad[~ignored])
+    assert (dirty_grad[ignored] == 0).all()
+    check_invariants(dirty_logp, dirty_ent)
+
+
+@ignore_dead_lane_warnings
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_fused_linear_logprobs_garbage_at_ignored_positions_does_not_leak(backend, fill, chunk_size):
+    """Hidden states whose label is ignore_index may hold NaN/inf: logp, entropy, d hidden at live
+    rows, d weight and d bias are those of clean inputs; ignored rows get 0 and no gradient."""
+    n, hdim, vocab = 11, 16, 50
+    hidden, weight, bias = torch.randn(n, hdim), torch.randn(vocab, hdim) / 3, torch.randn(vocab)
+    labels = make_labels((n,), vocab, ignored=0.4)
+    labels[:2] = torch.tensor([IGNORE, 3])
+    ignored = labels == IGNORE
+    g_logp, g_ent = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    results = []
+    for data in (hidden, hidden.masked_fill(ignored[:, None], fill)):
+        params = [
+            data.clone().requires_grad_(),
+            weight.clone().requires_grad_(),
+            bias.clone().requires_grad_(),
+        ]
+        grads, (logp, ent) = grads_of(
+            lambda p=params: alignkit.fused_linear_logprobs(
+                p[0], p[1], labels, bias=p[2], return_entropy=True, chunk_size=chunk_size, backend=backend
+            ),
+            params, g_logp, g_ent,
+        )  # fmt: skip
+        results.append((logp, ent, grads))
+    (logp, ent, grads), (dirty_logp, dirty_ent, dirty_grads) = results
+    assert torch.equal(dirty_logp, logp) and torch.equal(dirty_ent, ent)
+    assert torch.equal(dirty_grads[0][~ignored], grads[0][~ignored]), "d hidden"
+    assert (dirty_grads[0][ignored] == 0).all()
+    for name, clean, dirty in zip(("d weight", "d bias"), grads[1:], dirty_grads[1:], strict=True):
+        assert torch.isfinite(dirty).all(), name
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0, msg=name)
 
 
 # ------------------------------------------------------------------ bad input
@@ -484,15 +559,17 @@ def test_fused_linear_logprobs_gpu(dtype, shape):
     params = [hidden, weight, bias]
     g_logp, g_ent = (torch.randn(n, dtype=torch.float64, device="cuda") for _ in range(2))
     fast, (logp, ent) = grads_of(
-        lambda: alignkit.fused_linear_logprobs(hidden, weight, labels, bias, 0.9, return_entropy=True),
+        lambda: alignkit.fused_linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=0.9, return_entropy=True
+        ),
         params, g_logp, g_ent,
     )  # fmt: skip
     plain, (lp_plain, ent_plain) = grads_of(
-        lambda: oracle(hidden @ weight.T + bias, labels, 0.9, dtype=dtype), params, g_logp, g_ent
+        lambda: ref_logprobs(hidden @ weight.T + bias, labels, 0.9, dtype=dtype), params, g_logp, g_ent
     )
     exact = [p.detach().double().requires_grad_() for p in params]
     ref, (lp_exact, ent_exact) = grads_of(
-        lambda: oracle(exact[0] @ exact[1].T + exact[2], labels, 0.9), exact, g_logp, g_ent
+        lambda: ref_logprobs(exact[0] @ exact[1].T + exact[2], labels, 0.9), exact, g_logp, g_ent
     )
     tol_f, tol_g = (1e-5, 5e-4) if dtype == torch.float32 else (1e-2, 1e-2)
     assert_no_worse(logp, lp_plain, lp_exact, tol_f, "logp")
@@ -507,7 +584,7 @@ def test_token_logprobs_gpu_and_opt_in_label_check():
     logits = torch.randn(300, 50257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = make_labels((300,), 50257).cuda()
     logp, ent = alignkit.token_logprobs(logits, labels, return_entropy=True)
-    lp_exact, ent_exact = oracle(logits.detach(), labels)
+    lp_exact, ent_exact = ref_logprobs(logits.detach(), labels)
     assert max_err(logp, lp_exact) <= 1e-3 and max_err(ent, ent_exact) <= 1e-3
     check_invariants(logp, ent)
     bad = labels.clone()
@@ -529,10 +606,10 @@ def test_logp_only_path_matches_fp64(backend):
     logp2 = alignkit.token_logprobs(logits, labels, temperature=1.5, backend=backend)
     (d_logits,) = torch.autograd.grad((logp2.double() * g).sum(), [logits])
     exact = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
-    lp_exact, _ = oracle(exact[0] @ exact[1].T, labels, 1.5)
+    lp_exact, _ = ref_logprobs(exact[0] @ exact[1].T, labels, 1.5)
     e_h, e_w = torch.autograd.grad((lp_exact * g).sum(), exact)
     logits64 = logits.detach().double().requires_grad_()
-    (e_logits,) = torch.autograd.grad((oracle(logits64, labels, 1.5)[0] * g).sum(), [logits64])
+    (e_logits,) = torch.autograd.grad((ref_logprobs(logits64, labels, 1.5)[0] * g).sum(), [logits64])
     for got, exp in [(logp, lp_exact), (logp2, lp_exact), (d_h, e_h), (d_w, e_w), (d_logits, e_logits)]:
         assert max_err(got, exp) <= 1e-5 * max(1.0, exp.abs().max().item())
 
@@ -547,16 +624,16 @@ def test_fused_linear_logprobs_half_precision_both_backends(backend):
     g_logp, g_ent = torch.randn(21, dtype=torch.float64), torch.randn(21, dtype=torch.float64)
     fast, (logp, ent) = grads_of(
         lambda: alignkit.fused_linear_logprobs(
-            hidden, weight, labels, bias, return_entropy=True, chunk_size=8, backend=backend
+            hidden, weight, labels, bias=bias, return_entropy=True, chunk_size=8, backend=backend
         ),
         params, g_logp, g_ent,
     )  # fmt: skip
     exact = [p.detach().double().requires_grad_() for p in params]
     ref, (lp_exact, ent_exact) = grads_of(
-        lambda: oracle(exact[0] @ exact[1].T + exact[2], labels), exact, g_logp, g_ent
+        lambda: ref_logprobs(exact[0] @ exact[1].T + exact[2], labels), exact, g_logp, g_ent
     )
     plain, (lp_plain, ent_plain) = grads_of(
-        lambda: oracle(hidden @ weight.T + bias, labels, dtype=torch.bfloat16), params, g_logp, g_ent
+        lambda: ref_logprobs(hidden @ weight.T + bias, labels, dtype=torch.bfloat16), params, g_logp, g_ent
     )
     assert_no_worse(logp, lp_plain, lp_exact, 1e-2, "logp")
     assert_no_worse(ent, ent_plain, ent_exact, 1e-2, "entropy")
@@ -565,13 +642,14 @@ def test_fused_linear_logprobs_half_precision_both_backends(backend):
         assert_no_worse(f, p, e, 1e-2, "grad")
 
 
-def test_fp64_on_the_triton_backend_takes_the_exact_path():
-    hidden = torch.randn(5, 8, dtype=torch.float64)
-    weight = torch.randn(11, 8, dtype=torch.float64)
-    labels = torch.randint(0, 11, (5,))
-    got = alignkit.fused_linear_logprobs(hidden, weight, labels, backend="triton")
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_fp64_on_the_triton_backend_takes_the_exact_path(backend, backend_device):
+    hidden = torch.randn(5, 8, dtype=torch.float64, device=backend_device)
+    weight = torch.randn(11, 8, dtype=torch.float64, device=backend_device)
+    labels = torch.randint(0, 11, (5,), device=backend_device)
+    got = alignkit.fused_linear_logprobs(hidden, weight, labels, backend=backend)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, oracle(hidden @ weight.T, labels)[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, ref_logprobs(hidden @ weight.T, labels)[0], rtol=0, atol=1e-12)
 
 
 def test_matmul_configs_fit_sm90_shared_memory():
@@ -597,7 +675,7 @@ def test_autotune_rows_bucket():
     assert kernels._n_bucket(10**7) == kernels._n_bucket(16384) == 16384
 
 
-def test_kernel_launches_are_device_guarded(monkeypatch):
+def test_kernel_launches_are_device_guarded(monkeypatch, device):
     """Every launch runs inside device_guard(<an input>): Triton launches on the current CUDA device."""
     import contextlib
 
@@ -608,15 +686,18 @@ def test_kernel_launches_are_device_guarded(monkeypatch):
         return contextlib.nullcontext()
 
     monkeypatch.setattr(kernels, "device_guard", guard)
-    logits = torch.randn(3, 7)
-    labels = torch.randint(0, 7, (3,))
+    logits = torch.randn(3, 7, device=device)
+    labels = torch.randint(0, 7, (3,), device=device)
+    ones = torch.ones(3, device=device)
     _, ent, lse = kernels.token_logprobs_fwd(logits, labels, 1.0, IGNORE)
-    kernels.token_logprobs_bwd(logits, labels, lse, ent, torch.ones(3), torch.ones(3), 1.0, IGNORE)
+    kernels.token_logprobs_bwd(logits, labels, lse, ent, ones, ones, 1.0, IGNORE)
     assert len(guarded) == 2
-    hidden, weight = torch.randn(5, 16), torch.randn(40, 16)
-    labels = torch.randint(0, 40, (5,))
+    hidden, weight = torch.randn(5, 16, device=device), torch.randn(40, 16, device=device)
+    labels = torch.randint(0, 40, (5,), device=device)
+    ones = torch.ones(5, device=device)
     _, ent, lse = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
     kernels.fused_linear_logprobs_bwd(
-        hidden, weight, None, labels, lse, ent, torch.ones(5), torch.ones(5), 1.0, chunk_rows=2
+        hidden, weight, None, labels, lse, ent, ones, ones, 1.0, IGNORE, chunk_rows=2
     )
     assert len(guarded) == 2 + 1 + 3  # one per backward chunk
+    assert all(d == device for d in guarded)

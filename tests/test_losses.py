@@ -1,129 +1,36 @@
-"""PPO losses (alignkit.ppo_policy_loss, value_loss, kl_penalty, agg_loss) against a float64 oracle.
+"""PPO losses (alignkit.ppo_policy_loss, value_loss, kl_penalty, agg_loss) and PolicyLossConfig against
+the float64 oracles of tests/oracles.py.
 
-The oracle is the formulas of ../shared/conventions.md written plainly in float64 torch; gradients
-are autograd through it. Ties use strict comparisons (``torch.where(L2 > L1, L2, L1)``), the
-convention alignkit documents (a tie is not clipped), so autograd of the oracle is the exact
-reference at clip boundaries too. Every option runs on the CPU backend; the Triton kernels (under
-the interpreter without CUDA) run a representative subset that covers every option value.
+The oracle is the formulas of docs/formulas.md written plainly in float64 torch; gradients are
+autograd through it. Ties use strict comparisons (``torch.where(L2 > L1, L2, L1)``), the convention
+alignkit documents (a tie is not clipped), so autograd of the oracle is the exact reference at clip
+boundaries too. Every option runs on the CPU backend; the Triton kernels (under the interpreter
+without CUDA, compiled on CUDA tensors with one) run a representative subset that covers every
+option value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from oracles import assert_close, ref_agg, ref_kl, ref_policy, ref_value
 
 import alignkit
-from alignkit import agg_loss, kl_penalty, ppo_policy_loss, value_loss
+from alignkit import PolicyLossConfig, agg_loss, kl_penalty, ppo_policy_loss, value_loss
+
+# A Triton-only test: the backend fixture's triton case (CUDA tensors when CUDA is present).
+triton_only = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
 AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KL_NAMES = ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
 
-# ----------------------------------------------------------------------------- float64 oracle
-
-
-def ref_kl(logp, ref, estimator):
-    d = logp - ref
-    if estimator in ("k1", "kl"):
-        return d
-    if estimator == "abs":
-        return d.abs()
-    if estimator in ("k2", "mse"):
-        return 0.5 * d * d
-    x = (-d).clamp(-20, 20)
-    return (x.exp() - x - 1).clamp(-10, 10)
-
-
-def ref_agg(L, m, mode, scale=None):
-    m = m.double()
-    rows = (L * m).sum(-1)
-    counts = m.sum(-1)
-    if mode == "token-mean":
-        return rows.sum() / (counts.sum() if scale is None else scale)
-    keep = counts > 0
-    n = keep.sum()
-    if mode == "seq-mean-token-sum":
-        return rows[keep].sum() / n
-    if mode == "seq-mean-token-mean":
-        return (rows / (counts + 1e-8))[keep].sum() / n
-    return rows[keep].sum() / n / (L.shape[1] if scale is None else scale)
-
-
-def ref_policy(
-    logp,
-    old,
-    adv,
-    m,
-    *,
-    clip_low=0.2,
-    clip_high=0.2,
-    dual_clip=3.0,
-    agg="token-mean",
-    agg_scale=None,
-    ratio_level="token",
-    is_weights=None,
-    ref_logp=None,
-    kl_coef=0.0,
-    kl_estimator="k3",
-    entropy=None,
-    entropy_coef=0.0,
-):
-    """(total, metrics, magnitude): magnitude bounds the summands, for an absolute tolerance."""
-    mf = m.double()
-    lr = (logp - old).clamp(-20, 20)
-    if ratio_level == "token":
-        ratio = lr.exp()
-    else:
-        s = (lr * mf).sum(-1) / mf.sum(-1).clamp(min=1)
-        ratio = (logp - logp.detach() + s.detach()[:, None]).clamp(max=10).exp()
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.where(l2 > l1, l2, l1)
-    lower = torch.zeros_like(mf, dtype=torch.bool)
-    if dual_clip is not None and ratio_level == "token":
-        l3 = -adv * dual_clip
-        lower = (adv < 0) & (loss > l3)
-        loss = torch.where(lower, l3, loss)
-    if is_weights is not None:
-        loss = loss * is_weights
-    pg = ref_agg(loss, m, agg, agg_scale)
-    total = pg
-    magnitude = ref_agg(loss.detach().abs(), m, agg, agg_scale)
-    tokens = mf.sum()
-    metrics = {
-        "pg_loss": pg,
-        "pg_clipfrac": ((l2 > l1).double() * mf).sum() / tokens,
-        "pg_clipfrac_lower": (lower.double() * mf).sum() / tokens,
-        "ppo_kl": (-lr * mf).sum() / tokens,
-    }
-    if entropy is not None:
-        ent = ref_agg(entropy, m, agg, agg_scale)
-        total = total - entropy_coef * ent
-        magnitude = magnitude + abs(entropy_coef) * ref_agg(entropy.detach().abs(), m, agg, agg_scale)
-        metrics["entropy"] = ent
-    if ref_logp is not None:
-        kl_mat = ref_kl(logp, ref_logp, kl_estimator)
-        kl = ref_agg(kl_mat, m, agg, agg_scale)
-        total = total + kl_coef * kl
-        magnitude = magnitude + abs(kl_coef) * ref_agg(kl_mat.detach().abs(), m, agg, agg_scale)
-        metrics["kl"] = kl
-    return total, metrics, magnitude
-
-
-def ref_value(v, old, ret, m, clip=0.5, agg="token-mean", agg_scale=None):
-    vclip = old + (v - old).clamp(-clip, clip)
-    e1 = (v - ret) ** 2
-    e2 = (vclip - ret) ** 2
-    loss = 0.5 * ref_agg(torch.where(e2 > e1, e2, e1), m, agg, agg_scale)
-    clipfrac = ((e2 > e1).double() * m.double()).sum() / m.double().sum()
-    return loss, clipfrac
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_policy_inputs(B=4, T=48, dtype=torch.float32, spread=0.7, empty_row=True):
+def make_policy_inputs(B=4, T=48, dtype=torch.float32, spread=0.7, empty_row=True, device=None):
     logp = -3 * torch.rand(B, T)
     inputs = {
         "logp": logp,
@@ -136,21 +43,7 @@ def make_policy_inputs(B=4, T=48, dtype=torch.float32, spread=0.7, empty_row=Tru
     }
     if empty_row and B > 1:
         inputs["mask"][1] = False
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
-
-
-def assert_close(actual, expected, rtol=1e-6, scale=None, name=""):
-    """|a - e| <= rtol |e| + rtol * scale (scale: the magnitude of the summands, default max |e|)."""
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), name
-    if scale is None:
-        scale = expected.abs().max() if expected.numel() else 0.0
-    atol = rtol * float(scale) + 1e-30
-    err = (actual - expected).abs()
-    bound = rtol * expected.abs() + atol
-    assert (err <= bound).all(), f"{name}: max err {float(err.max()):.3e}, bound {float(bound.max()):.3e}"
+    return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in inputs.items()}
 
 
 def run_policy(inputs, backend, opts, extras=("is_weights", "ref_logp", "entropy"), rtol=1e-6):
@@ -266,22 +159,25 @@ TRITON_CASES = [
 ]
 
 
+@triton_only
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[2][0]}-{c[3]}-{c[5][0]}")
-def test_policy_loss_options_triton(case):
+def test_policy_loss_options_triton(backend, backend_device, case):
     clip, dual, agg, ratio_level, is_weights, kl = case
     opts, extras = policy_opts(clip, dual, agg, ratio_level, kl, kl[2])
     if is_weights:
         extras.append("is_weights")
-    run_policy(make_policy_inputs(B=4, T=45), "triton", opts, extras)
+    run_policy(make_policy_inputs(B=4, T=45, device=backend_device), backend, opts, extras)
 
 
+@triton_only
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-def test_policy_loss_multi_tile_triton(monkeypatch, ratio_level):
+def test_policy_loss_multi_tile_triton(monkeypatch, backend, backend_device, ratio_level):
     from alignkit.kernels import ppo_loss as kernels
 
     monkeypatch.setattr(kernels, "MAX_BLOCK_T", 16)  # 3 tiles per row: partial sums across tiles
     opts = {"agg": "seq-mean-token-mean", "ratio_level": ratio_level, "kl_coef": 0.1, "entropy_coef": 0.01}
-    run_policy(make_policy_inputs(B=3, T=40), "triton", opts, ("ref_logp", "entropy", "is_weights"))
+    inputs = make_policy_inputs(B=3, T=40, device=backend_device)
+    run_policy(inputs, backend, opts, ("ref_logp", "entropy", "is_weights"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -300,11 +196,12 @@ def test_non_contiguous_inputs(backend):
     run_policy(inputs, backend, {"agg": "seq-mean-token-sum", "kl_coef": 0.1, "entropy_coef": 0.01})
 
 
-def test_backends_agree_at_larger_shape():
-    inputs = make_policy_inputs(B=8, T=64)
+@triton_only
+def test_backends_agree_at_larger_shape(backend, backend_device):
+    inputs = make_policy_inputs(B=8, T=64, device="cpu")
     opts = {"agg": "token-mean", "kl_coef": 0.05, "entropy_coef": 0.001}
     cpu = run_policy(inputs, "cpu", opts)
-    tri = run_policy(inputs, "triton", opts)
+    tri = run_policy({k: v.to(backend_device) for k, v in inputs.items()}, backend, opts)
     assert_close(tri[0], cpu[0], 1e-6, name="loss")
     assert_close(tri[2][0], cpu[2][0], 1e-6, name="d logp")
 
@@ -413,8 +310,8 @@ def test_log_ratio_beyond_20(backend, dual, ratio_level):
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
 
 
-@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
-def test_kl_estimator_clamps_inside_policy_loss(backend, estimator):
+@pytest.mark.parametrize("kl_estimator", ["k1", "abs", "k2", "k3"])
+def test_kl_estimator_clamps_inside_policy_loss(backend, kl_estimator):
     # d = logp - ref beyond +-20 (k3's inner clamp) and k3 values above 10 (its outer clamp): no gradient.
     inputs = make_policy_inputs(B=2, T=16, empty_row=False)
     offsets = torch.tensor(
@@ -424,9 +321,9 @@ def test_kl_estimator_clamps_inside_policy_loss(backend, estimator):
     inputs["ref_logp"] = inputs["logp"] - offsets
     inputs["advantages"].zero_()  # isolate the KL term
     _, _, grads = run_policy(
-        inputs, backend, {"kl_coef": 0.5, "kl_estimator": estimator}, extras=("ref_logp",)
+        inputs, backend, {"kl_coef": 0.5, "kl_estimator": kl_estimator}, extras=("ref_logp",)
     )
-    if estimator == "k3":
+    if kl_estimator == "k3":
         m = inputs["mask"]
         assert (grads[0][:, :4][m[:, :4]] == 0).all() and (grads[0][:, 10:12][m[:, 10:12]] == 0).all()
 
@@ -518,6 +415,191 @@ def test_metric_keys_follow_optional_inputs():
     assert set(metrics) == {"pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"}
 
 
+def test_nan_at_a_live_position_stays_visible(backend):
+    """Corrupt data at a live (mask 1) position shows up as NaN in the loss: no clamp or select may
+    turn it into a plausible number. Every other token's gradient is the oracle's; the corrupt
+    token's own gradient is NaN for a NaN advantage (for a NaN log-ratio, torch.clamp's backward
+    gives 0, so autograd through the oracle fixes nothing there)."""
+    for key in ("logp", "old_logp", "advantages"):
+        inputs = make_policy_inputs(B=3, T=16, empty_row=False)
+        inputs["mask"][0, 5] = True
+        inputs[key][0, 5] = float("nan")
+        logp = inputs["logp"].clone().requires_grad_()
+        args = (inputs["old_logp"], inputs["advantages"], inputs["mask"])
+        loss, metrics = ppo_policy_loss(logp, *args, backend=backend)
+        loss.backward()
+        assert torch.isnan(loss), key
+        assert torch.isnan(metrics["pg_loss"]), key
+        logp64 = inputs["logp"].double().requires_grad_()
+        ref_policy(logp64, *(t.double() if t.is_floating_point() else t for t in args))[0].backward()
+        others = torch.ones_like(inputs["mask"])
+        others[0, 5] = False
+        assert_close(logp.grad[others], logp64.grad[others], 1e-6, name=f"d logp, NaN {key}")
+    assert torch.isnan(logp.grad[0, 5])  # advantages: -A d ratio is NaN
+    inputs = make_policy_inputs(B=3, T=16, empty_row=False)
+    inputs["mask"][2, 1] = True
+    values = inputs["logp"].clone()
+    values[2, 1] = float("nan")
+    loss, _ = value_loss(values, inputs["old_logp"], inputs["advantages"], inputs["mask"], backend=backend)
+    assert torch.isnan(loss)
+
+
+def test_options_are_keyword_only():
+    inputs = make_policy_inputs(B=2, T=6)
+    args = [inputs[k] for k in ("logp", "old_logp", "advantages", "mask")]
+    with pytest.raises(TypeError):
+        ppo_policy_loss(*args, 0.2)
+    with pytest.raises(TypeError):
+        value_loss(*args, 0.5)
+
+
+# ----------------------------------------------------------------------------- PolicyLossConfig
+
+
+def test_policy_loss_config_defaults():
+    cfg = PolicyLossConfig()
+    assert (cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (0.2, 0.2, 3.0)
+    assert (cfg.agg, cfg.agg_scale, cfg.ratio_level) == ("token-mean", None, "token")
+    assert (cfg.kl_coef, cfg.kl_estimator, cfg.entropy_coef) == (0.0, "k3", 0.0)
+    assert alignkit.PolicyLossConfig is PolicyLossConfig and "PolicyLossConfig" in alignkit.__all__
+
+
+BAD_CONFIG = [
+    ("clip_low", -0.1, ValueError),
+    ("clip_low", float("inf"), ValueError),
+    ("clip_low", "0.2", TypeError),
+    ("clip_high", float("nan"), ValueError),
+    ("clip_high", None, TypeError),
+    ("dual_clip", 1.0, ValueError),
+    ("dual_clip", 0.5, ValueError),
+    ("dual_clip", float("inf"), ValueError),
+    ("dual_clip", "3", TypeError),
+    ("agg", "mean", ValueError),
+    ("agg", None, ValueError),
+    ("agg_scale", -3.0, ValueError),
+    ("agg_scale", 0.0, ValueError),
+    ("agg_scale", "10", TypeError),
+    ("ratio_level", "group", ValueError),
+    ("kl_coef", float("nan"), ValueError),
+    ("kl_coef", True, TypeError),
+    ("kl_estimator", "full", ValueError),
+    ("kl_estimator", "k3+", ValueError),
+    ("entropy_coef", float("inf"), ValueError),
+    ("entropy_coef", [0.1], TypeError),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "exc"), BAD_CONFIG, ids=[f"{f}={v!r}" for f, v, _ in BAD_CONFIG])
+def test_policy_loss_config_validation_names_the_field(field, value, exc):
+    with pytest.raises(exc, match=rf"^{field} "):
+        PolicyLossConfig(**{field: value})
+    with pytest.raises(exc, match=rf"^{field} "):  # a variant is validated the same way
+        dataclasses.replace(PolicyLossConfig(), **{field: value})
+    with pytest.raises(exc, match=rf"^{field} "):  # and so is a keyword override of a loss call
+        _policy_call(config=PolicyLossConfig(), **{field: value})()
+
+
+def test_policy_loss_config_agg_scale_needs_a_mode_that_takes_it():
+    for agg in ("token-mean", "seq-mean-token-sum-norm"):
+        assert PolicyLossConfig(agg=agg, agg_scale=64).agg_scale == 64.0
+    for agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        with pytest.raises(ValueError, match=r"^agg_scale applies to token-mean"):
+            PolicyLossConfig(agg=agg, agg_scale=64.0)
+
+
+CANONICAL_KL = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+
+
+@pytest.mark.parametrize(("name", "canonical"), CANONICAL_KL.items())
+def test_policy_loss_config_stores_the_canonical_kl_estimator(name, canonical):
+    cfg = PolicyLossConfig(kl_estimator=name)
+    assert cfg.kl_estimator == canonical
+    assert cfg == PolicyLossConfig(kl_estimator=canonical)
+
+
+def test_policy_loss_config_normalises_numbers():
+    cfg = PolicyLossConfig(clip_low=0, clip_high=1, dual_clip=4, kl_coef=1, entropy_coef=0, agg_scale=7)
+    for field in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "agg_scale"):
+        assert type(getattr(cfg, field)) is float, field
+    assert PolicyLossConfig(dual_clip=None).dual_clip is None
+
+
+def test_policy_loss_config_is_frozen():
+    cfg = PolicyLossConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.clip_low = 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.kl_estimator = "k1"
+    variant = dataclasses.replace(cfg, clip_high=0.28)
+    assert variant.clip_high == 0.28 and cfg.clip_high == 0.2
+    assert hash(cfg) == hash(PolicyLossConfig())  # frozen dataclasses hash by value
+
+
+CONFIG_OPTIONS = {
+    "clip_low": 0.1,
+    "clip_high": 0.28,
+    "dual_clip": None,
+    "agg": "seq-mean-token-sum-norm",
+    "agg_scale": 30.0,
+    "kl_coef": 0.1,
+    "kl_estimator": "low_var_kl",
+    "entropy_coef": 0.01,
+}
+
+
+def _policy_outputs(inputs, backend, **kwargs):
+    logp = inputs["logp"].clone().requires_grad_()
+    ent = inputs["entropy"].clone().requires_grad_()
+    loss, metrics = ppo_policy_loss(
+        logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], ref_logp=inputs["ref_logp"],
+        entropy=ent, is_weights=inputs["is_weights"], backend=backend, **kwargs,
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), metrics, logp.grad, ent.grad
+
+
+def _assert_same_outputs(a, b):
+    assert torch.equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_config_equals_keywords(backend, ratio_level):
+    inputs = make_policy_inputs(B=3, T=20)
+    opts = {**CONFIG_OPTIONS, "ratio_level": ratio_level}
+    by_config = _policy_outputs(inputs, backend, config=PolicyLossConfig(**opts))
+    by_keywords = _policy_outputs(inputs, backend, **opts)
+    _assert_same_outputs(by_config, by_keywords)
+    run_policy(inputs, backend, opts)  # and both are the oracle's loss
+
+
+def test_keywords_override_config_fields(backend):
+    inputs = make_policy_inputs(B=3, T=20)
+    config = PolicyLossConfig(**CONFIG_OPTIONS)
+    overrides = {
+        "clip_high": 0.5,
+        "agg": "token-mean",
+        "agg_scale": None,
+        "dual_clip": 2.0,
+        "kl_estimator": "k1",
+    }
+    got = _policy_outputs(inputs, backend, config=config, **overrides)
+    expected = _policy_outputs(inputs, backend, **{**CONFIG_OPTIONS, **overrides})
+    _assert_same_outputs(got, expected)
+    differs = _policy_outputs(inputs, backend, config=config)
+    assert not torch.equal(got[0], differs[0])  # the overrides did change something
+    # None is a value, not "unset": dual_clip=None switches off the config's dual clip
+    off = _policy_outputs(inputs, backend, config=PolicyLossConfig(dual_clip=3.0), dual_clip=None)
+    _assert_same_outputs(off, _policy_outputs(inputs, backend, dual_clip=None))
+    assert config.clip_high == 0.28  # the config itself is untouched
+
+
+def test_config_must_be_a_policy_loss_config():
+    with pytest.raises(TypeError, match="config must be an alignkit.PolicyLossConfig"):
+        _policy_call(config={"clip_low": 0.2})()
+
+
 # ----------------------------------------------------------------------------- value loss
 
 
@@ -527,16 +609,17 @@ def test_value_loss_cpu(clip, agg):
     check_value_loss("cpu", clip, agg)
 
 
+@triton_only
 @pytest.mark.parametrize("clip, agg", [(0.2, AGGS[0]), (0.5, AGGS[3]), (0.0, AGGS[5]), (0.5, AGGS[2])])
-def test_value_loss_triton(clip, agg):
-    check_value_loss("triton", clip, agg)
+def test_value_loss_triton(backend, backend_device, clip, agg):
+    check_value_loss(backend, clip, agg, device=backend_device)
 
 
-def check_value_loss(backend, clip, agg, B=4, T=40, dtype=torch.float32):
-    old = torch.randn(B, T, dtype=dtype)
-    values = (old + 0.5 * torch.randn(B, T, dtype=dtype)).requires_grad_()
-    returns = old + torch.randn(B, T, dtype=dtype)
-    mask = torch.rand(B, T) > 0.3
+def check_value_loss(backend, clip, agg, B=4, T=40, dtype=torch.float32, device=None):
+    old = torch.randn(B, T, dtype=dtype, device=device)
+    values = (old + 0.5 * torch.randn(B, T, dtype=dtype, device=device)).requires_grad_()
+    returns = old + torch.randn(B, T, dtype=dtype, device=device)
+    mask = torch.rand(B, T, device=device) > 0.3
     mask[1] = False
     loss, metrics = value_loss(
         values, old, returns, mask, clip=clip, agg=agg[0], agg_scale=agg[1], backend=backend
@@ -580,37 +663,70 @@ def test_value_loss_inside_clip_range_is_never_clipped(backend, backend_device):
 # ----------------------------------------------------------------------------- kl_penalty, agg_loss
 
 
-@pytest.mark.parametrize("estimator", KL_NAMES)
-def test_kl_penalty(estimator):
+@pytest.mark.parametrize("kl_estimator", KL_NAMES)
+def test_kl_penalty(kl_estimator):
     logp = torch.randn(4, 50) * 3
     logp[0, :4] = torch.tensor([0.0, 25.0, -25.0, 1e-4])  # |d| > 20 and d ~ 0
     ref = torch.zeros(4, 50)
     ref[1] = -12.0  # k3 at x = -12 ... and y clamped at 10 for x > ~2.6
     lp = logp.clone().requires_grad_()
-    out = kl_penalty(lp, ref, estimator)
+    out = kl_penalty(lp, ref, kl_estimator=kl_estimator)
     (grad,) = torch.autograd.grad(out.sum(), lp)
     lp64 = logp.double().requires_grad_()
-    expected = ref_kl(lp64, ref.double(), estimator)
+    expected = ref_kl(lp64, ref.double(), kl_estimator)
     (ref_grad,) = torch.autograd.grad(expected.sum(), lp64)
     assert out.dtype == torch.float32
     assert_close(out, expected, 1e-6, name="kl")
     assert_close(grad, ref_grad, 1e-6, name="d kl")
+    # the gradient reaches ref_logp too
+    rp = ref.clone().requires_grad_()
+    (d_ref,) = torch.autograd.grad(kl_penalty(logp, rp, kl_estimator=kl_estimator).sum(), rp)
+    rp64 = ref.double().requires_grad_()
+    (ref_d_ref,) = torch.autograd.grad(ref_kl(logp.double(), rp64, kl_estimator).sum(), rp64)
+    assert_close(d_ref, ref_d_ref, 1e-6, name="d kl / d ref_logp")
+
+
+def test_kl_penalty_defaults_to_k3():
+    logp, ref = torch.randn(3, 7), torch.randn(3, 7)
+    assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, kl_estimator="k3"))
+    assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, kl_estimator="low_var_kl"))
+    assert_close(kl_penalty(logp, ref), ref_kl(logp.double(), ref.double()), 1e-6, name="default")
+    assert kl_penalty(logp, ref, kl_estimator="k1").dtype == torch.float32
+    assert kl_penalty(logp.double(), ref.double()).dtype == torch.float64
 
 
 @pytest.mark.parametrize(
-    "mode, scale", [(m, None) for m in AGG_MODES] + [("token-mean", 50.0), ("seq-mean-token-sum-norm", 50.0)]
+    "agg, agg_scale",
+    [(m, None) for m in AGG_MODES] + [("token-mean", 50.0), ("seq-mean-token-sum-norm", 50.0)],
 )
-def test_agg_loss(mode, scale):
+def test_agg_loss(agg, agg_scale):
     L = torch.randn(6, 30, requires_grad=True)
     m = torch.rand(6, 30) > 0.4
     m[2] = False
-    out = agg_loss(L, m, mode, scale)
+    out = agg_loss(L, m, agg=agg, agg_scale=agg_scale)
     (grad,) = torch.autograd.grad(out, L)
     L64 = L.detach().double().requires_grad_()
-    expected = ref_agg(L64, m, mode, scale)
+    expected = ref_agg(L64, m, agg, agg_scale)
     (ref_grad,) = torch.autograd.grad(expected, L64)
-    assert_close(out, expected, 1e-6, scale=ref_agg(L64.detach().abs(), m, mode, scale), name="agg")
+    assert_close(out, expected, 1e-6, scale=ref_agg(L64.detach().abs(), m, agg, agg_scale), name="agg")
     assert_close(grad, ref_grad, 1e-6, name="d agg")
+    # NaN/inf in the masked positions changes nothing, gradient included
+    poisoned = L.detach().masked_fill(~m, float("nan")).requires_grad_()
+    dirty = agg_loss(poisoned, m, agg=agg, agg_scale=agg_scale)
+    (dirty_grad,) = torch.autograd.grad(dirty, poisoned)
+    assert torch.equal(dirty, out.detach()) and torch.equal(dirty_grad, grad)
+
+
+def test_agg_loss_worked_example():
+    """docs/formulas.md, "Loss aggregation": S = [3, 4, 0], R = 2."""
+    L = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    expected = {"token-mean": 7 / 3, "seq-mean-token-sum": 3.5, "seq-mean-token-mean": 2.75}
+    expected["seq-mean-token-sum-norm"] = 7 / 2 / 3
+    for agg, value in expected.items():
+        assert float(agg_loss(L, m, agg=agg)) == pytest.approx(value, rel=1e-6), agg
+        assert float(ref_agg(L.double(), m, agg)) == pytest.approx(value, rel=1e-6), agg  # 1e-8 in n_b
+    assert float(agg_loss(L, m)) == pytest.approx(7 / 3, rel=1e-6)  # default: token-mean
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -700,14 +816,30 @@ def test_value_loss_bad_input(kwargs, match):
 
 
 def test_kl_and_agg_bad_input():
-    with pytest.raises(ValueError, match="estimator must be one of k1, kl, abs, k2, mse, k3, low_var_kl"):
-        kl_penalty(torch.zeros(2, 3), torch.zeros(2, 3), "k4")
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="kl_estimator must be one of k1, kl, abs, k2, mse, k3, low_var_kl"):
+        kl_penalty(x, x, kl_estimator="k4")
     with pytest.raises(ValueError, match="ref_logp"):
-        kl_penalty(torch.zeros(2, 3), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="mode must be one of token-mean"):
-        agg_loss(torch.zeros(2, 3), torch.ones(2, 3), "seq-sum")
+        kl_penalty(x, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="agg must be one of token-mean"):
+        agg_loss(x, torch.ones(2, 3), agg="seq-sum")
+    with pytest.raises(ValueError, match="agg_scale applies to token-mean"):
+        agg_loss(x, torch.ones(2, 3), agg="seq-mean-token-sum", agg_scale=4.0)
+    with pytest.raises(ValueError, match="agg_scale must be a positive"):
+        agg_loss(x, torch.ones(2, 3), agg_scale=0.0)
     with pytest.raises(ValueError, match="mask"):
-        agg_loss(torch.zeros(2, 3), torch.full((2, 3), 3))
+        agg_loss(x, torch.full((2, 3), 3))
+    # one name per concept: the old names are gone, and options are keyword-only
+    with pytest.raises(TypeError, match="estimator"):
+        kl_penalty(x, x, estimator="k1")
+    with pytest.raises(TypeError, match="mode"):
+        agg_loss(x, torch.ones(2, 3), mode="token-mean")
+    with pytest.raises(TypeError, match="scale"):
+        agg_loss(x, torch.ones(2, 3), scale=3.0)
+    with pytest.raises(TypeError):
+        kl_penalty(x, x, "k1")
+    with pytest.raises(TypeError):
+        agg_loss(x, torch.ones(2, 3), "token-mean")
 
 
 def test_exported():
@@ -750,7 +882,8 @@ def test_value_loss_fp64_clip_bound_is_exact(backend, backend_device):
     assert_close(v.grad, (v.detach() - returns) / 16, 1e-15, name="d values")
 
 
-def test_kernel_launches_are_device_guarded(monkeypatch):
+@triton_only
+def test_kernel_launches_are_device_guarded(monkeypatch, backend, backend_device):
     """Every ppo_loss launch runs inside device_guard(<an input>) (Triton launches on the current
     CUDA device, which need not be the inputs')."""
     import contextlib
@@ -764,11 +897,15 @@ def test_kernel_launches_are_device_guarded(monkeypatch):
         return contextlib.nullcontext()
 
     monkeypatch.setattr(kernels, "device_guard", guard)
+    d = backend_device
     for ratio_level in ("token", "sequence"):
-        run_policy(make_policy_inputs(B=2, T=9), "triton", {"ratio_level": ratio_level}, extras=("entropy",))
+        inputs = make_policy_inputs(B=2, T=9, device=d)
+        run_policy(inputs, backend, {"ratio_level": ratio_level}, extras=("entropy",))
     assert len(guarded) == 2 + 3  # policy fwd + scale rows each; GSPO's seq_logratio
+    assert all(dev == d for dev in guarded)
     guarded.clear()
-    v = torch.randn(2, 5, requires_grad=True)
-    loss, _ = value_loss(v, torch.zeros(2, 5), torch.zeros(2, 5), torch.ones(2, 5), backend="triton")
+    v = torch.randn(2, 5, device=d, requires_grad=True)
+    zeros, ones = torch.zeros(2, 5, device=d), torch.ones(2, 5, device=d)
+    loss, _ = value_loss(v, zeros, zeros, ones, backend=backend)
     loss.backward()
     assert len(guarded) == 2  # value fwd + scale rows

@@ -23,3 +23,22 @@ def run_rows(serial: Callable, parallel: Callable, n_elements: int, *args) -> No
             parallel(*args)
     else:
         serial(*args)
+
+
+def to_numpy(t, dtype):
+    """``t`` as a C-contiguous NumPy array of torch dtype ``dtype`` on the CPU (None stays None;
+    zero-copy when it already is one)."""
+    if t is None:
+        return None
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
+
+
+def mask_to_numpy(mask, dtype):
+    """A 0/1 mask as NumPy for the numba kernels: bool and uint8 masks as they are (no copy), others
+    in ``dtype``."""
+    import torch
+
+    mask = mask.detach().to("cpu")
+    if mask.dtype in (torch.bool, torch.uint8, dtype):
+        return mask.contiguous().numpy()
+    return mask.to(dtype).contiguous().numpy()

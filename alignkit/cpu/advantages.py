@@ -17,16 +17,15 @@ from . import run_rows
 @numba.njit(cache=True, nogil=True)
 def _gae_row(rewards, values, mask, gamma, lam, adv, ret, row, start, stop):
     # Reverse over t with carries nv (next value) and gae (last advantage); masked positions
-    # pass both carries through (conventions.md, GAE).
+    # pass both carries through (docs/formulas.md, GAE). Selected with a branch, never multiplied
+    # by the mask: NaN/inf at a masked position stays there.
     nv = 0.0
     last = 0.0
     for t in range(stop - 1, start - 1, -1):
-        m = mask[row, t]
         v = values[row, t]
-        delta = rewards[row, t] + gamma * nv - v
-        step = delta + gamma * lam * last
-        nv = m * v + (1.0 - m) * nv
-        last = m * step + (1.0 - m) * last
+        if mask[row, t] != 0:
+            last = rewards[row, t] + gamma * nv - v + gamma * lam * last
+            nv = v
         adv[row, t] = last
         ret[row, t] = last + v
 
@@ -51,13 +50,26 @@ def _gae_packed(rewards, values, mask, cu_seqlens, gamma, lam, adv, ret):
 
 
 @numba.njit(cache=True, nogil=True)
+def _discounted_returns_row(rewards, mask, gamma, out, row, start, stop):
+    # G = r_t + gamma G; ret_t = G; G resets to 0 where the mask is 0 (selected, not multiplied).
+    running = 0.0
+    for t in range(stop - 1, start - 1, -1):
+        running = rewards[row, t] + gamma * running
+        out[row, t] = running
+        if mask[row, t] == 0:
+            running = 0.0
+
+
+@numba.njit(cache=True, nogil=True)
 def _discounted_returns(rewards, mask, gamma, out):
     for b in range(rewards.shape[0]):
-        running = 0.0
-        for t in range(rewards.shape[1] - 1, -1, -1):
-            running = rewards[b, t] + gamma * running
-            out[b, t] = running
-            running = running * mask[b, t]
+        _discounted_returns_row(rewards, mask, gamma, out, b, 0, rewards.shape[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _discounted_returns_packed(rewards, mask, cu_seqlens, gamma, out):
+    for s in range(cu_seqlens.shape[0] - 1):
+        _discounted_returns_row(rewards, mask, gamma, out, 0, cu_seqlens[s], cu_seqlens[s + 1])
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float):
@@ -77,6 +89,14 @@ def gae_packed(rewards, values, mask, cu_seqlens, gamma: float, lam: float):
 
 
 def discounted_returns(rewards: np.ndarray, mask: np.ndarray, gamma: float) -> np.ndarray:
+    """(B, T) arrays -> reward-to-go in rewards' dtype."""
     out = np.empty_like(rewards)
     _discounted_returns(rewards, mask, gamma, out)
+    return out
+
+
+def discounted_returns_packed(rewards, mask, cu_seqlens, gamma: float) -> np.ndarray:
+    """(1, N) arrays and int64 cu_seqlens -> reward-to-go, restarting at every boundary."""
+    out = np.empty_like(rewards)
+    _discounted_returns_packed(rewards, mask, cu_seqlens, gamma, out)
     return out

@@ -1,6 +1,6 @@
 """Chunked-torch token log-probs and entropy (the CPU twins of kernels/logprobs.py).
 
-Formulas: ../shared/conventions.md ("Log-probs and entropy"). Per token, with ``z = x / T``::
+Formulas: docs/formulas.md ("Log-probs and entropy"). Per token, with ``z = x / T``::
 
     log p = log_softmax(z);  logp = log p[label];  H = -sum_j p_j log p_j;  lse = m + log s
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import accumulation_dtype
+
 # Elements of one (rows, V) logits chunk: 2**23 fp32 = 32 MiB per temporary.
 CHUNK_ELEMENTS = 1 << 23
 
@@ -30,13 +32,18 @@ CHUNK_ELEMENTS = 1 << 23
 LOG_P_FLOOR = -1.0e4
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; fp16 / bf16 / fp32 are accumulated in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _apply_floor_(z: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor | None:
+    """Entries of the scaled logits z (rows, V) below the row's logit floor leave the distribution:
+    set to -inf in place (p = 0, no gradient). Returns the kept entries, or None without a floor."""
+    if floor is None:
+        return None
+    dropped = z < floor.to(z.dtype)[:, None]  # (NaN is kept: it must stay visible)
+    z.masked_fill_(dropped, -float("inf"))
+    return ~dropped
 
 
 def _label_mask(labels: torch.Tensor, vocab: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,11 +91,13 @@ def _dz_(z: torch.Tensor, labels: torch.Tensor, lse, ent, g_logp, g_ent, inv_tem
 
 
 def _grads_in(labels, ignore_index, vocab, g_logp, g_ent, n, dtype, device):
+    """(safe labels, g_logp, g_ent, active): upstream gradients zeroed on ignored rows, and the rows
+    that have any (the others contribute exactly nothing, whatever their inputs hold)."""
     valid, safe = _label_mask(labels, vocab, ignore_index)
     zeros = torch.zeros(n, dtype=dtype, device=device)
     g_logp = zeros if g_logp is None else torch.where(valid, g_logp.to(dtype), zeros)
     g_ent = zeros if g_ent is None else torch.where(valid, g_ent.to(dtype), zeros)
-    return safe, g_logp, g_ent
+    return safe, g_logp, g_ent, (g_logp != 0) | (g_ent != 0)
 
 
 def token_logprobs_fwd(
@@ -98,16 +107,19 @@ def token_logprobs_fwd(
     ignore_index: int,
     chunk_rows: int | None = None,
     need_entropy: bool = True,
+    logit_floor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V), labels (N,) -> logp, entropy, lse, each (N,) in the compute dtype."""
+    """logits (N, V), labels (N,), optional logit floor (N,) -> logp, entropy, lse, each (N,) in the
+    compute dtype (under the distribution truncated at the floor)."""
     n, vocab = logits.shape
-    dtype = compute_dtype(logits.dtype)
+    dtype = accumulation_dtype(logits)
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
     logp, ent, lse = (torch.empty(n, dtype=dtype, device=logits.device) for _ in range(3))
     valid = labels != ignore_index
     for start in range(0, n, chunk_rows):
         rows = slice(start, start + chunk_rows)
         z = logits[rows].to(dtype) / temperature
+        _apply_floor_(z, None if logit_floor is None else logit_floor[rows])
         logp[rows], ent[rows], lse[rows] = _stats(z, labels[rows], valid[rows], vocab, need_entropy)
     return logp, ent, lse
 
@@ -123,18 +135,24 @@ def token_logprobs_bwd(
     ignore_index: int,
     out: torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    logit_floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d logits (N, V) in logits' dtype; ``out`` may be ``logits`` itself (in-place backward)."""
     n, vocab = logits.shape
     dtype = lse.dtype
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
-    safe, g_logp, g_ent = _grads_in(labels, ignore_index, vocab, g_logp, g_ent, n, dtype, logits.device)
+    safe, g_logp, g_ent, active = _grads_in(
+        labels, ignore_index, vocab, g_logp, g_ent, n, dtype, logits.device
+    )
     if out is None:
         out = torch.empty_like(logits)
     for start in range(0, n, chunk_rows):
         rows = slice(start, start + chunk_rows)
         z = logits[rows].to(dtype) / temperature
-        out[rows] = _dz_(z, safe[rows], lse[rows], ent[rows], g_logp[rows], g_ent[rows], 1.0 / temperature)
+        kept = _apply_floor_(z, None if logit_floor is None else logit_floor[rows])
+        dz = _dz_(z, safe[rows], lse[rows], ent[rows], g_logp[rows], g_ent[rows], 1.0 / temperature)
+        live = active[rows, None] if kept is None else active[rows, None] & kept
+        out[rows] = torch.where(live, dz, dz.new_zeros(()))  # padding may hold NaN
     return out
 
 
@@ -154,15 +172,17 @@ def fused_linear_logprobs_fwd(
     ignore_index: int,
     chunk_rows: int | None = None,
     need_entropy: bool = True,
+    logit_floor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), bias (V,) or None -> logp, entropy, lse (N,), compute dtype.
+    """hidden (N, H), weight (V, H), bias (V,) or None, optional logit floor (N,) -> logp, entropy,
+    lse (N,), compute dtype.
 
     Logits exist one (chunk_rows, V) block at a time. Half-precision weights are upcast to fp32
     once (one weight-sized copy), so the matmul accumulates and rounds in fp32.
     """
     n = hidden.shape[0]
     vocab = weight.shape[0]
-    dtype = compute_dtype(hidden.dtype)
+    dtype = accumulation_dtype(hidden)
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
@@ -171,6 +191,7 @@ def fused_linear_logprobs_fwd(
     for start in range(0, n, chunk_rows):
         rows = slice(start, start + chunk_rows)
         z = _linear(hidden[rows].to(dtype), w, b, temperature)  # (rows, V)
+        _apply_floor_(z, None if logit_floor is None else logit_floor[rows])
         logp[rows], ent[rows], lse[rows] = _stats(z, labels[rows], valid[rows], vocab, need_entropy)
     return logp, ent, lse
 
@@ -188,6 +209,7 @@ def fused_linear_logprobs_bwd(
     ignore_index: int,
     needs: tuple[bool, bool, bool] = (True, True, True),
     chunk_rows: int | None = None,
+    logit_floor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d hidden, d weight, d bias), recomputing each chunk's logits; ``needs`` selects which.
 
@@ -198,20 +220,27 @@ def fused_linear_logprobs_bwd(
     dtype = lse.dtype
     chunk_rows = chunk_rows or default_chunk_rows(vocab)
     need_h, need_w, need_b = needs
-    safe, g_logp, g_ent = _grads_in(labels, ignore_index, vocab, g_logp, g_ent, n, dtype, hidden.device)
+    safe, g_logp, g_ent, active = _grads_in(
+        labels, ignore_index, vocab, g_logp, g_ent, n, dtype, hidden.device
+    )
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     d_hidden = torch.zeros_like(hidden) if need_h else None
     d_weight = torch.zeros_like(w) if need_w else None
     d_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if need_b and bias is not None else None
-    active = (g_logp != 0) | (g_ent != 0)  # rows with no upstream gradient contribute nothing
     for start in range(0, n, chunk_rows):
         rows = slice(start, start + chunk_rows)
-        if not bool(active[rows].any()):
+        if not bool(active[rows].any()):  # rows with no upstream gradient contribute nothing
             continue
-        h = hidden[rows].to(dtype)
+        # Their hidden states may hold NaN (padding): selected away before any product.
+        h = torch.where(
+            active[rows, None], hidden[rows].to(dtype), torch.zeros((), dtype=dtype, device=hidden.device)
+        )
         z = _linear(h, w, b, temperature)
+        kept = _apply_floor_(z, None if logit_floor is None else logit_floor[rows])
         dz = _dz_(z, safe[rows], lse[rows], ent[rows], g_logp[rows], g_ent[rows], 1.0 / temperature)
+        live = active[rows, None] if kept is None else active[rows, None] & kept
+        dz = torch.where(live, dz, dz.new_zeros(()))  # (inactive rows' saved lse may be NaN)
         if d_hidden is not None:
             d_hidden[rows] = dz @ w
         if d_weight is not None:

@@ -1,6 +1,6 @@
 """Advantage estimation: GAE (padded and packed) and REINFORCE++ discounted returns.
 
-Formulas: ../shared/conventions.md ("GAE", "Discounted returns"). Outputs are targets, not
+Formulas: docs/formulas.md ("GAE", "Discounted returns"). Outputs are targets, not
 differentiable functions: inputs that require grad are rejected rather than silently detached.
 Accumulation is fp32 (fp64 for fp64 inputs); outputs are float32 for fp16/bf16/fp32 inputs and
 float64 for float64 inputs.
@@ -13,10 +13,12 @@ import torch
 from .. import _checks
 from .. import backend as _backend
 from ..cpu import advantages as _cpu
+from ..cpu import to_numpy
 
 _backend.register_op("gae")
 _backend.register_op("gae_packed")
 _backend.register_op("discounted_returns")
+_backend.register_op("discounted_returns_packed")
 
 
 def _no_grad_inputs(name: str, **tensors: torch.Tensor) -> None:
@@ -29,27 +31,25 @@ def _no_grad_inputs(name: str, **tensors: torch.Tensor) -> None:
                 )
 
 
+_NO_VALUES = object()  # discounted returns take no values
+
+
 def _check_padded(name: str, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rewards = _checks.float_tensor(rewards, "rewards", ndim=2)
     tensors = {"rewards": rewards}
-    if values is not None:
-        values = _checks.float_tensor(values, "values")
-        _checks.same_shape(values, "values", rewards, "rewards")
-        _checks.same_device(values, "values", rewards, "rewards")
+    if values is not _NO_VALUES:
+        values = _checks.float_like(values, "values", rewards, "rewards")
         tensors["values"] = values
     mask = _checks.mask(mask, "mask", rewards, "rewards")
     _no_grad_inputs(name, **tensors)
     return rewards, values, mask
 
 
-def _to_numpy(t: torch.Tensor, dtype: torch.dtype):
-    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
-
-
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
+    *,
     gamma: float = 1.0,
     lam: float = 1.0,
     whiten: bool = False,
@@ -80,6 +80,7 @@ def gae(
     rewards, values, mask = _check_padded("gae", rewards, values, mask)
     gamma = _checks.unit_interval(gamma, "gamma")
     lam = _checks.unit_interval(lam, "lam")
+    whiten = _checks.flag(whiten, "whiten")
     dtype = _checks.accumulation_dtype(rewards, values)
     if _backend.resolve(backend, rewards.device) == "triton":
         from ..kernels import gae as _kernels
@@ -87,37 +88,31 @@ def gae(
         adv, ret = _kernels.gae_fwd(rewards, values, mask, gamma, lam, dtype)
     else:
         adv_np, ret_np = _cpu.gae(
-            _to_numpy(rewards, dtype), _to_numpy(values, dtype), _to_numpy(mask, dtype), gamma, lam
+            to_numpy(rewards, dtype), to_numpy(values, dtype), to_numpy(mask, dtype), gamma, lam
         )
         adv = torch.from_numpy(adv_np).to(rewards.device)
         ret = torch.from_numpy(ret_np).to(rewards.device)
     if whiten:
-        from .whiten import whiten_prepared
+        from .whiten import whiten_selected
 
-        adv = whiten_prepared(adv, mask.to(adv.dtype))
+        adv = whiten_selected(adv, mask != 0)
     return adv, ret
 
 
-def _check_cu_seqlens(cu_seqlens, total: int) -> torch.Tensor:
-    """Validated offsets as a CPU int64 tensor (one device-to-host copy when given on CUDA)."""
-    if isinstance(cu_seqlens, (list, tuple)):
-        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)
-    cu_seqlens = _checks.tensor(cu_seqlens, "cu_seqlens")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
-        raise TypeError(
-            f"cu_seqlens must be a 1-D int32/int64 tensor, got {cu_seqlens.dtype} of shape "
-            f"{tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold at least 2 offsets, got {cu_seqlens.numel()}")
-    host = cu_seqlens.to("cpu", torch.int64)
-    if host[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(host[0])}")
-    if bool((host[1:] < host[:-1]).any()):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if host[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(host[-1])}")
-    return host
+def _check_packed(name: str, rewards, values, mask, cu_seqlens):
+    """Packed inputs as (1, N) views, their original shape, and cu_seqlens as CPU int64."""
+    rewards = _checks.float_tensor(rewards, "rewards")
+    if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[0] != 1):
+        raise ValueError(f"rewards must be packed as (N,) or (1, N), got shape {tuple(rewards.shape)}")
+    tensors = {"rewards": rewards}
+    if values is not _NO_VALUES:
+        values = _checks.float_like(values, "values", rewards, "rewards")
+        tensors["values"] = values
+    mask = _checks.mask(mask, "mask", rewards, "rewards")
+    _no_grad_inputs(name, **tensors)
+    cu = _checks.cu_seqlens(cu_seqlens, rewards.numel())
+    flat = [t.reshape(1, -1) if isinstance(t, torch.Tensor) else None for t in (rewards, values, mask)]
+    return (*flat, rewards.shape, cu)
 
 
 def gae_packed(
@@ -125,63 +120,85 @@ def gae_packed(
     values: torch.Tensor,
     mask: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    *,
     gamma: float = 1.0,
     lam: float = 1.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE on sequences packed end to end (the replay buffer's packed batches).
 
-    ``rewards``, ``values``, ``mask``: (N,) or (1, N); ``cu_seqlens``: (n + 1,) int offsets with
-    ``cu_seqlens[0] = 0`` and ``cu_seqlens[-1] = N``. The recurrence of :func:`gae` restarts at
-    every boundary. Returns ``(advantages, returns)`` in the input's shape.
+    ``rewards``, ``values``, ``mask``: (N,) or (1, N); ``cu_seqlens``: (n + 1,) int offsets
+    (tensor, array or list), ``cu_seqlens[0] = 0``, ``cu_seqlens[-1] = N``, strictly increasing.
+    The recurrence of :func:`gae` restarts at every boundary. Returns ``(advantages, returns)`` in
+    the input's shape. (Whiten separately with :func:`alignkit.masked_whiten`.)
     """
-    rewards = _checks.float_tensor(rewards, "rewards")
-    if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[0] != 1):
-        raise ValueError(f"rewards must be packed as (N,) or (1, N), got shape {tuple(rewards.shape)}")
-    shape = rewards.shape
-    rewards2 = rewards.reshape(1, -1)
-    values = _checks.float_tensor(values, "values")
-    _checks.same_shape(values, "values", rewards, "rewards")
-    _checks.same_device(values, "values", rewards, "rewards")
-    mask = _checks.mask(mask, "mask", rewards, "rewards")
-    _no_grad_inputs("gae_packed", rewards=rewards, values=values)
+    rewards2, values2, mask2, shape, cu = _check_packed("gae_packed", rewards, values, mask, cu_seqlens)
     gamma = _checks.unit_interval(gamma, "gamma")
     lam = _checks.unit_interval(lam, "lam")
-    cu = _check_cu_seqlens(cu_seqlens, rewards2.shape[1])
-    dtype = _checks.accumulation_dtype(rewards, values)
-    values2, mask2 = values.reshape(1, -1), mask.reshape(1, -1)
-    if _backend.resolve(backend, rewards.device) == "triton":
+    dtype = _checks.accumulation_dtype(rewards2, values2)
+    if _backend.resolve(backend, rewards2.device) == "triton":
         from ..kernels import gae as _kernels
 
         adv, ret = _kernels.gae_packed_fwd(rewards2, values2, mask2, cu, gamma, lam, dtype)
     else:
         adv_np, ret_np = _cpu.gae_packed(
-            _to_numpy(rewards2, dtype),
-            _to_numpy(values2, dtype),
-            _to_numpy(mask2, dtype),
+            to_numpy(rewards2, dtype),
+            to_numpy(values2, dtype),
+            to_numpy(mask2, dtype),
             cu.numpy(),
             gamma,
             lam,
         )
-        adv = torch.from_numpy(adv_np).to(rewards.device)
-        ret = torch.from_numpy(ret_np).to(rewards.device)
+        adv = torch.from_numpy(adv_np).to(rewards2.device)
+        ret = torch.from_numpy(ret_np).to(rewards2.device)
     return adv.reshape(shape), ret.reshape(shape)
 
 
 def discounted_returns(
-    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, backend: str | None = None
+    rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, backend: str | None = None
 ) -> torch.Tensor:
-    """REINFORCE++ reward-to-go: reverse over t, ``G = r_t + gamma G; ret_t = G; G = G * m_t``.
+    """REINFORCE++ reward-to-go: reverse over t, ``G = r_t + gamma G; ret_t = G``, then G resets to 0
+    where the mask is 0.
 
-    The running return resets where the mask is 0. rewards, mask: (B, T). Returns (B, T) float32
-    (float64 for float64 rewards).
+    rewards, mask: (B, T). Returns (B, T) float32 (float64 for float64 rewards). For sequences
+    packed end to end use :func:`discounted_returns_packed`.
     """
-    rewards, _, mask = _check_padded("discounted_returns", rewards, None, mask)
+    rewards, _, mask = _check_padded("discounted_returns", rewards, _NO_VALUES, mask)
     gamma = _checks.unit_interval(gamma, "gamma")
     dtype = _checks.accumulation_dtype(rewards)
     if _backend.resolve(backend, rewards.device) == "triton":
         from ..kernels import gae as _kernels
 
         return _kernels.discounted_returns_fwd(rewards, mask, gamma, dtype)
-    out = _cpu.discounted_returns(_to_numpy(rewards, dtype), _to_numpy(mask, dtype), gamma)
+    out = _cpu.discounted_returns(to_numpy(rewards, dtype), to_numpy(mask, dtype), gamma)
     return torch.from_numpy(out).to(rewards.device)
+
+
+def discounted_returns_packed(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`discounted_returns` on sequences packed end to end: the return restarts at every
+    ``cu_seqlens`` boundary (no reward flows from one sequence into the one before it).
+
+    rewards, mask: (N,) or (1, N); cu_seqlens as in :func:`gae_packed`. Returns the input's shape.
+    """
+    rewards2, _, mask2, shape, cu = _check_packed(
+        "discounted_returns_packed", rewards, _NO_VALUES, mask, cu_seqlens
+    )
+    gamma = _checks.unit_interval(gamma, "gamma")
+    dtype = _checks.accumulation_dtype(rewards2)
+    if _backend.resolve(backend, rewards2.device) == "triton":
+        from ..kernels import gae as _kernels
+
+        out = _kernels.discounted_returns_fwd(rewards2, mask2, gamma, dtype, cu_seqlens=cu)
+    else:
+        out_np = _cpu.discounted_returns_packed(
+            to_numpy(rewards2, dtype), to_numpy(mask2, dtype), cu.numpy(), gamma
+        )
+        out = torch.from_numpy(out_np).to(rewards2.device)
+    return out.reshape(shape)

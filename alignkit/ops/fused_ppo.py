@@ -25,15 +25,21 @@ processed. Two schedules:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .. import _checks
 from .. import backend as _backend
+from .. import loss_layout as L
 from ..cpu import logprobs as _cpu_logprobs
 from ..cpu import losses as _cpu_losses
-from . import logprobs as _logprobs
-from . import losses as _losses
+from ..cpu import mask_to_numpy, to_numpy
+from .logprobs import validate_label_range, validate_labels, validate_lm_head
+from .loss_config import FIELDS, UNSET, PolicyLossConfig, resolve_config
+from .loss_pass import policy_loss_and_metrics, policy_stats, row_weights, scale_rows
+from .losses import METRIC_KEYS, select_metrics
 
 _backend.register_op("fused_linear_ppo_loss")
 
@@ -53,18 +59,17 @@ def _chunks(B: int, T: int, chunk_tokens: int):
 
 
 def _single_pass_cpu(
-    hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, cfg, needs
+    hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, run, needs
 ):
-    """Token-level ratio on the CPU implementation: returns (stats (B, 8), d hidden, d weight, d bias)."""
+    """Token-level ratio on the CPU implementation: (stats (B, POLICY_STATS), d hidden, d weight,
+    d bias). ``labels`` already hold ignore_index wherever the mask is 0."""
     B, T, H = hidden.shape
     V = weight.shape[0]
-    dtype = cfg["dtype"]
-    temperature, ignore_index = cfg["temperature"], cfg["ignore_index"]
-    np_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    old, adv, isw, ref = (_losses._numpy(t, np_dtype) for t in (old_logp, advantages, is_weights, ref_logp))
-    m = _losses._mask_numpy(mask, np_dtype)
+    config, dtype = run.config, run.dtype
+    old, adv, isw, ref = (to_numpy(t, dtype) for t in (old_logp, advantages, is_weights, ref_logp))
+    m = mask_to_numpy(mask, dtype)
     counts = torch.from_numpy((m != 0).sum(-1)).to(dtype)
-    row_weight = _losses._row_scale(counts, cfg["agg"], cfg["agg_scale"], T).contiguous()  # (B,)
+    weights = row_weights(counts, config.agg, config.agg_scale, T).contiguous()  # (B,)
     w = weight.detach().to(dtype)
     b = None if bias is None else bias.detach().to(dtype)
     need_h, need_w, need_b = needs
@@ -72,32 +77,36 @@ def _single_pass_cpu(
     d_hidden = torch.zeros_like(hidden) if need_h else None
     d_weight = torch.zeros_like(w) if need_w else None
     d_bias = torch.zeros(V, dtype=dtype) if need_b and bias is not None else None
-    stats = np.zeros((B, _cpu_losses.POLICY_STATS), dtype=np.float64)
+    stats = np.zeros((B, L.POLICY_STATS), dtype=np.float64)
+    zero = torch.zeros((), dtype=dtype)
     # A quarter of fused_linear_logprobs' CPU block: the logits block plus the three block-sized
     # temporaries of token_logprobs_fwd/bwd then stay within the unfused op's peak memory.
-    chunk_tokens = cfg["chunk_size"] or max(1, _cpu_logprobs.default_chunk_rows(V) // 4)
+    chunk_tokens = run.chunk_size or max(1, _cpu_logprobs.default_chunk_rows(V) // 4)
     for rows, cols in _chunks(B, T, chunk_tokens):
-        h = hidden[rows, cols].detach().reshape(-1, H).to(dtype)  # (n, H)
         lab = labels[rows, cols].reshape(-1).to(torch.int64)
+        keep = (lab != run.ignore_index)[:, None]
+        # Masked / ignored positions may hold NaN hidden states (padding): selected away first.
+        h = torch.where(keep, hidden[rows, cols].detach().reshape(-1, H).to(dtype), zero)  # (n, H)
         logits = h @ w.T if b is None else torch.addmm(b, h, w.T)  # (n, V): the one logits block
-        logp, ent, lse = _cpu_logprobs.token_logprobs_fwd(logits, lab, temperature, ignore_index, len(lab))
+        logp, ent, lse = _cpu_logprobs.token_logprobs_fwd(
+            logits, lab, run.temperature, run.ignore_index, len(lab)
+        )
         block = (rows.stop - rows.start, cols.stop - cols.start)
         sub = [None if a is None else np.ascontiguousarray(a[rows, cols]) for a in (old, adv, m, isw, ref)]
-        chunk_stats, _, grad = _cpu_losses.policy_fwd(
-            logp.reshape(block).numpy(), *sub, ent.reshape(block).numpy(), False,
-            cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"], cfg["kl_code"], cfg["kl_coef"], any_grad,
-        )  # fmt: skip
+        chunk_stats, grad = _cpu_losses.policy_fwd(
+            logp.reshape(block).numpy(), *sub, ent.reshape(block).numpy(), config=config, write_grad=any_grad
+        )
         stats[rows] += chunk_stats
         if not any_grad:
             continue
-        g_logp, g_ent = _losses._scale_rows(
-            "cpu", torch.from_numpy(grad), torch.from_numpy(sub[2]), row_weight[rows], dtype,
-            cfg["entropy_coef"], dtype,
+        g_logp, g_ent = scale_rows(
+            "cpu", torch.from_numpy(grad), torch.from_numpy(sub[2]), weights[rows], dtype,
+            entropy_coef=config.entropy_coef, entropy_dtype=dtype,
         )  # fmt: skip
-        g_logp, g_ent = g_logp.reshape(-1), g_ent.reshape(-1)
         dz = _cpu_logprobs.token_logprobs_bwd(
-            logits, lab, lse, ent, g_logp, g_ent, temperature, ignore_index, out=logits, chunk_rows=len(lab)
-        )  # d logits, in place of the logits block
+            logits, lab, lse, ent, g_logp.reshape(-1), g_ent.reshape(-1), run.temperature, run.ignore_index,
+            out=logits, chunk_rows=len(lab),
+        )  # d logits, in place of the logits block  # fmt: skip
         if d_hidden is not None:
             d_hidden[rows, cols] = (dz @ w).reshape(*block, H).to(hidden.dtype)
         if d_weight is not None:
@@ -109,17 +118,18 @@ def _single_pass_cpu(
     return torch.from_numpy(stats).to(dtype), d_hidden, d_weight, d_bias
 
 
-def _two_phase(hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, cfg, needs):
+def _two_phase(hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, run, needs):
     """Log-probs of every token (fused, logits never stored), the fused PPO pass on them, then the
-    fused log-prob backward with the PPO gradients: (stats (B, 8), d hidden, d weight, d bias)."""
+    fused log-prob backward with the PPO gradients: (stats (B, POLICY_STATS), d hidden, d weight,
+    d bias)."""
     B, T, H = hidden.shape
     flat = hidden.detach().reshape(B * T, H)
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
     w = weight.detach() if weight.stride(-1) == 1 else weight.detach().contiguous()
     b = None if bias is None else bias.detach().contiguous()
     lab = labels.reshape(-1).to(torch.int64).contiguous()
-    temperature, ignore_index, chunk = cfg["temperature"], cfg["ignore_index"], cfg["chunk_size"]
-    triton_lp = cfg["impl"] == "triton" and hidden.dtype != torch.float64
+    temperature, ignore_index, chunk = run.temperature, run.ignore_index, run.chunk_size
+    triton_lp = run.impl == "triton" and hidden.dtype != torch.float64
     if triton_lp:
         from ..kernels import logprobs as _kernels_logprobs
 
@@ -131,51 +141,77 @@ def _two_phase(hidden, weight, bias, labels, old_logp, advantages, mask, is_weig
             flat, w, b, lab, temperature, ignore_index, chunk
         )
     logp2, ent2 = logp.view(B, T), ent.view(B, T)
-    stats, grad = _losses._policy_stats(
-        cfg["impl"], logp2, ent2, old_logp, advantages, mask, is_weights, ref_logp, cfg, write_grad=any(needs)
-    )
+    stats, grad = policy_stats(
+        run.impl, logp2, ent2, old_logp, advantages, mask, is_weights, ref_logp, run.config, run.dtype,
+        write_grad=any(needs),
+    )  # fmt: skip
     if not any(needs):
         return stats, None, None, None
-    row_scale = _losses._row_scale(stats[:, _losses._COUNT], cfg["agg"], cfg["agg_scale"], T)
-    g_logp, g_ent = _losses._scale_rows(
-        cfg["impl"], grad, mask, row_scale, logp.dtype, cfg["entropy_coef"], ent.dtype
+    weights = row_weights(stats[:, L.POLICY_COUNT], run.config.agg, run.config.agg_scale, T)
+    g_logp, g_ent = scale_rows(
+        run.impl,
+        grad,
+        mask,
+        weights,
+        logp.dtype,
+        entropy_coef=run.config.entropy_coef,
+        entropy_dtype=ent.dtype,
     )
-    g_logp, g_ent = g_logp.reshape(-1), g_ent.reshape(-1)
-    if triton_lp:
-        keep = lab != ignore_index  # the Triton backward expects zero upstream grads on ignored rows
-        g_logp = torch.where(keep, g_logp, 0.0).contiguous()
-        g_ent = torch.where(keep, g_ent, 0.0).contiguous()
-        d_flat, d_weight, d_bias = _kernels_logprobs.fused_linear_logprobs_bwd(
-            flat, w, b, lab, lse, ent, g_logp, g_ent, temperature, needs, chunk
-        )
-    else:
-        d_flat, d_weight, d_bias = _cpu_logprobs.fused_linear_logprobs_bwd(
-            flat, w, b, lab, lse, ent, g_logp, g_ent, temperature, ignore_index, needs, chunk
-        )
+    backward = (
+        _kernels_logprobs.fused_linear_logprobs_bwd if triton_lp else _cpu_logprobs.fused_linear_logprobs_bwd
+    )
+    d_flat, d_weight, d_bias = backward(
+        flat,
+        w,
+        b,
+        lab,
+        lse,
+        ent,
+        g_logp.reshape(-1),
+        g_ent.reshape(-1),
+        temperature,
+        ignore_index,
+        needs,
+        chunk,
+    )
     d_hidden = None if d_flat is None else d_flat.reshape(hidden.shape)
     return stats, d_hidden, d_weight, d_bias
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one call runs with, besides the tensors: the loss options and the log-prob options."""
+
+    config: PolicyLossConfig
+    temperature: float
+    ignore_index: int
+    chunk_size: int | None
+    impl: str
+    dtype: torch.dtype
+
+
 class _FusedLinearPPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, cfg):
+    def forward(ctx, hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, run):
         needs = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[2],
         )
-        single_pass = cfg["impl"] == "cpu" and cfg["ratio_level"] == "token" and hidden.device.type == "cpu"
-        run = _single_pass_cpu if single_pass else _two_phase
-        stats, d_hidden, d_weight, d_bias = run(
-            hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, cfg, needs
+        single_pass = run.impl == "cpu" and not run.config.sequence_ratio and hidden.device.type == "cpu"
+        compute = _single_pass_cpu if single_pass else _two_phase
+        stats, d_hidden, d_weight, d_bias = compute(
+            hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, run, needs
         )
         stats = stats.to(device=hidden.device)
-        loss, metrics, _ = _losses._policy_combine(stats, cfg, hidden.shape[1])
+        loss, metrics, _ = policy_loss_and_metrics(
+            stats, run.config, hidden.shape[1], with_kl=True, with_entropy=True
+        )
         ctx.grads = (d_hidden, d_weight, d_bias)
         ctx.used = False
-        metrics = tuple(t.to(cfg["dtype"]) for t in metrics)
-        ctx.mark_non_differentiable(*metrics)
-        return (loss.to(cfg["dtype"]), *metrics)
+        values = tuple(metrics[k].to(run.dtype) for k in METRIC_KEYS)
+        ctx.mark_non_differentiable(*values)
+        return (loss.to(run.dtype), *values)
 
     @staticmethod
     def backward(ctx, grad_loss, *_grad_metrics):
@@ -201,31 +237,34 @@ def fused_linear_ppo_loss(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
-    ref_logp: torch.Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = 3.0,
-    agg: str = "token-mean",
-    agg_scale: float | None = None,
-    ratio_level: str = "token",
+    config: PolicyLossConfig | None = None,
+    clip_low: float = UNSET,
+    clip_high: float = UNSET,
+    dual_clip: float | None = UNSET,
+    agg: str = UNSET,
+    agg_scale: float | None = UNSET,
+    ratio_level: str = UNSET,
+    kl_coef: float = UNSET,
+    kl_estimator: str = UNSET,
+    entropy_coef: float = UNSET,
     is_weights: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO actor loss straight from the last hidden states; the (B, T, V) logits never exist.
 
     Equals ``ppo_policy_loss(logp, old_logp, advantages, mask, entropy=H, ...)`` with
-    ``logp, H = fused_linear_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
-    return_entropy=True)``; see :func:`alignkit.ppo_policy_loss` for the loss options.
+    ``logp, H = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+    ignore_index=ignore_index, return_entropy=True)``; the loss options (``config`` and the keywords
+    that override its fields) are those of :func:`alignkit.ppo_policy_loss`.
 
     Args:
         hidden: (B, T, H) float tensor; weight: (V, H) lm_head weight (hidden's dtype);
             bias: optional (V,).
         labels: (B, T) integer token ids; ``ignore_index`` positions give logp = H = 0.
-        old_logp, advantages, mask (and is_weights, ref_logp): (B, T).
+        old_logp, advantages, mask (and is_weights, ref_logp): (B, T). Positions with mask 0 are
+            treated as ignored: their hidden states (padding, possibly NaN) never enter a product.
         chunk_size: tokens per logits block (default on CPU: an 8 MiB fp32 block, a quarter of
             fused_linear_logprobs' block, which keeps the peak below the unfused pair's; on GPU the
             Triton backward's own default).
@@ -234,32 +273,32 @@ def fused_linear_ppo_loss(
     may run once. Returns ``(loss, metrics)`` as ppo_policy_loss, with ``entropy`` (the aggregated
     entropy of the policy) always present.
     """
+    options = dict(zip(FIELDS, (clip_low, clip_high, dual_clip, agg, agg_scale, ratio_level, kl_coef,
+                                kl_estimator, entropy_coef), strict=True))  # fmt: skip
+    config = resolve_config(config, options)
     hidden = _checks.float_tensor(hidden, "hidden", ndim=3)
-    weight, bias = _logprobs._check_lm_head(hidden, weight, bias)
-    labels = _logprobs._check_labels(labels, hidden.shape[:2], "(B, T) of hidden", hidden)
-    ignore_index = _logprobs._ignore_index(ignore_index)
-    _logprobs._label_range(labels, weight.shape[0], ignore_index, None)
-    old_logp = _losses._like(old_logp, "old_logp", labels, "labels")
-    advantages = _losses._like(advantages, "advantages", labels, "labels")
+    weight, bias = validate_lm_head(hidden, weight, bias)
+    labels = validate_labels(labels, hidden.shape[:2], "(B, T) of hidden", hidden)
+    ignore_index = _checks.ignore_index(ignore_index)
+    validate_label_range(labels, weight.shape[0], ignore_index, None)
+    old_logp = _checks.float_like(old_logp, "old_logp", labels, "labels")
+    advantages = _checks.float_like(advantages, "advantages", labels, "labels")
     mask = _checks.mask(mask, "mask", labels, "labels")
     if is_weights is not None:
-        is_weights = _losses._like(is_weights, "is_weights", labels, "labels")
+        is_weights = _checks.float_like(is_weights, "is_weights", labels, "labels")
     if ref_logp is not None:
-        ref_logp = _losses._like(ref_logp, "ref_logp", labels, "labels")
-    _logprobs._check_chunk_size(chunk_size)
-    cfg = _losses._policy_config(
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, agg_scale=agg_scale,
-        ratio_level=ratio_level, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-        has_ref=ref_logp is not None, has_entropy=True,
-    )  # fmt: skip
-    cfg.update(
+        ref_logp = _checks.float_like(ref_logp, "ref_logp", labels, "labels")
+    config.check_inputs(has_ref=ref_logp is not None, has_entropy=True)
+    run = _Run(
+        config=config,
         temperature=_checks.positive(temperature, "temperature"),
         ignore_index=ignore_index,
-        chunk_size=chunk_size,
+        chunk_size=_checks.chunk_size(chunk_size),
         impl=_backend.resolve(backend, hidden.device),
         dtype=_checks.accumulation_dtype(hidden, old_logp, advantages, is_weights, ref_logp),
     )
-    loss, *metrics = _FusedLinearPPOLoss.apply(
-        hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, cfg
+    labels = labels.masked_fill(mask == 0, ignore_index)  # masked positions are not scored at all
+    loss, *values = _FusedLinearPPOLoss.apply(
+        hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, run
     )
-    return loss, _losses._metrics_dict(metrics, ref_logp is not None, True)
+    return loss, select_metrics(values, with_kl=ref_logp is not None, with_entropy=True)

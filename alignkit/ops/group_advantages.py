@@ -1,6 +1,6 @@
 """Outcome (group) advantages for GRPO, Dr.GRPO, RLOO and REINFORCE++-baseline.
 
-Formulas: conventions.md, "Group (outcome) advantages". Vectorised with scatter-adds (no Python
+Formulas: docs/formulas.md, "Group (outcome) advantages". Vectorised with scatter-adds (no Python
 loop over groups), plain torch, on any device; differentiable in ``scores``.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from .whiten import whiten_prepared
+from .whiten import whiten_selected
 
 METHODS = ("grpo", "dr_grpo", "rloo", "reinforce++-baseline")
 
@@ -24,6 +24,7 @@ def group_ids(index: object, batch: int, device: torch.device) -> tuple[torch.Te
     or a sequence of hashable ids.
     """
     if isinstance(index, torch.Tensor):
+        index = _checks.tensor(index, "index")
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"index must hold integer group ids, got a {index.dtype} tensor")
         if index.dim() != 1 or index.numel() != batch:
@@ -38,6 +39,9 @@ def group_ids(index: object, batch: int, device: torch.device) -> tuple[torch.Te
         )
         if len(items) != batch:
             raise ValueError(f"index must hold {batch} group ids (one per score), got {len(items)}")
+        for item in items:
+            if isinstance(item, (float, np.floating)) and not np.isfinite(item):
+                raise ValueError(f"index must hold finite group ids, got {item!r}")
         dense: dict[object, int] = {}
         try:
             ids = [dense.setdefault(item, len(dense)) for item in items]
@@ -52,6 +56,7 @@ def group_ids(index: object, batch: int, device: torch.device) -> tuple[torch.Te
 def group_advantages(
     scores: torch.Tensor,
     index: object,
+    *,
     method: str = "grpo",
     eps: float = 1e-6,
     mask: torch.Tensor | None = None,
@@ -78,10 +83,8 @@ def group_advantages(
         (B,) advantages, or (B, T) when ``mask`` is given; float32 (float64 for float64 scores).
     """
     scores = _checks.float_tensor(scores, "scores", ndim=1)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    method = _checks.choice(method, "method", METHODS)
+    eps = _checks.eps(eps)
     batch = scores.shape[0]
     if mask is not None:
         mask = _checks.tensor(mask, "mask")
@@ -89,8 +92,13 @@ def group_advantages(
             raise ValueError(f"mask must have shape ({batch}, T), got {tuple(mask.shape)}")
         _checks.same_device(mask, "mask", scores, "scores")
         _checks.zero_one(mask, "mask")
+    if method == "reinforce++-baseline" and mask is None and batch < 2:
+        raise ValueError(
+            f"scores must hold at least 2 sequences for reinforce++-baseline (it whitens over the "
+            f"batch), got {batch}"
+        )
     gid, n_groups = group_ids(index, batch, scores.device)
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    acc = _checks.accumulation_dtype(scores)
     s = scores.to(acc)
 
     count = torch.zeros(n_groups, dtype=acc, device=s.device).index_add_(0, gid, torch.ones_like(s))
@@ -117,10 +125,11 @@ def group_advantages(
 
     if mask is None:
         if method == "reinforce++-baseline":
-            adv = whiten_prepared(adv, torch.ones_like(adv))
+            adv = whiten_selected(adv, torch.ones_like(adv, dtype=torch.bool))
         return adv
-    m = mask.to(acc)
-    spread = adv[:, None] * m
+    keep = mask != 0
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    spread = torch.where(keep, adv[:, None], zero)
     if method == "reinforce++-baseline":
-        spread = whiten_prepared(spread, m) * m
+        spread = torch.where(keep, whiten_selected(spread, keep), zero)
     return spread

@@ -1,7 +1,7 @@
 """Token log-probs and entropy, on given logits or fused with the lm_head (logits never formed),
 and ``causal_lm_logprobs`` for Hugging Face causal LMs (the fused form on the model's head).
 
-Formulas: ../shared/conventions.md ("Log-probs and entropy"). With ``z = logits / T``::
+Formulas: docs/formulas.md ("Log-probs and entropy"). With ``z = logits / T``::
 
     logp = z[label] - logsumexp(z);  H = logsumexp(z) - sum softmax(z) z
 
@@ -38,107 +38,110 @@ def _grad_or_zeros(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, triton, inplace_backward, need_entropy):
-        # logits (N, V) unit column stride; labels (N,) int64
+    def forward(
+        ctx, logits, labels, floor, temperature, ignore_index, triton, inplace_backward, need_entropy
+    ):
+        # logits (N, V) unit column stride; labels (N,) int64; floor (N,) or None
         if triton:
             from ..kernels import logprobs as _kernels
 
-            logp, ent, lse = _kernels.token_logprobs_fwd(logits, labels, temperature, ignore_index)
+            logp, ent, lse = _kernels.token_logprobs_fwd(logits, labels, temperature, ignore_index, floor)
         else:
             logp, ent, lse = _cpu.token_logprobs_fwd(
-                logits, labels, temperature, ignore_index, need_entropy=need_entropy
+                logits, labels, temperature, ignore_index, need_entropy=need_entropy, logit_floor=floor
             )
-        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.save_for_backward(logits, labels, floor, lse, ent)
         ctx.args = (temperature, ignore_index, triton, inplace_backward)
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        logits, labels, lse, ent = ctx.saved_tensors
+        logits, labels, floor, lse, ent = ctx.saved_tensors
         temperature, ignore_index, triton, inplace_backward = ctx.args
         if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
-            return (None,) * 7
+            return (None,) * 8
         out = logits if inplace_backward else None
         g_logp, g_ent = _grad_or_zeros(g_logp, lse), _grad_or_zeros(g_ent, lse)
+        backward = _cpu.token_logprobs_bwd
         if triton:
             from ..kernels import logprobs as _kernels
 
-            d_logits = _kernels.token_logprobs_bwd(
-                logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, out=out
-            )
-        else:
-            d_logits = _cpu.token_logprobs_bwd(
-                logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, out=out
-            )
-        return d_logits, None, None, None, None, None, None
+            backward = _kernels.token_logprobs_bwd
+        d_logits = backward(
+            logits, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, out=out, logit_floor=floor
+        )
+        return d_logits, None, None, None, None, None, None, None
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, temperature, ignore_index, chunk_size, triton, need_entropy
+        ctx, hidden, weight, bias, labels, floor, temperature, ignore_index, chunk_size, triton, need_entropy
     ):
-        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64
+        # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64, floor (N,) or None
         if triton:
             from ..kernels import logprobs as _kernels
 
             logp, ent, lse = _kernels.fused_linear_logprobs_fwd(
-                hidden, weight, bias, labels, temperature, ignore_index
+                hidden, weight, bias, labels, temperature, ignore_index, logit_floor=floor
             )
         else:
             logp, ent, lse = _cpu.fused_linear_logprobs_fwd(
-                hidden, weight, bias, labels, temperature, ignore_index, chunk_size, need_entropy
+                hidden, weight, bias, labels, temperature, ignore_index, chunk_size, need_entropy, floor
             )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.save_for_backward(hidden, weight, bias, labels, floor, lse, ent)
         ctx.args = (temperature, ignore_index, chunk_size, triton)
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        hidden, weight, bias, labels, floor, lse, ent = ctx.saved_tensors
         temperature, ignore_index, chunk_size, triton = ctx.args
         needs = tuple(ctx.needs_input_grad[:3])
         if not any(needs) or (g_logp is None and g_ent is None):
-            return (None,) * 9
-        keep = labels != ignore_index
-        zeros = torch.zeros_like(lse)
-        g_logp = torch.where(keep, _grad_or_zeros(g_logp, lse), zeros)
-        g_ent = torch.where(keep, _grad_or_zeros(g_ent, lse), zeros)
+            return (None,) * 10
+        g_logp, g_ent = _grad_or_zeros(g_logp, lse), _grad_or_zeros(g_ent, lse)
+        backward = _cpu.fused_linear_logprobs_bwd
         if triton:
             from ..kernels import logprobs as _kernels
 
-            grads = _kernels.fused_linear_logprobs_bwd(
-                hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, needs, chunk_size
-            )
-        else:
-            grads = _cpu.fused_linear_logprobs_bwd(
-                hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
-                chunk_size,
-            )  # fmt: skip
-        return (*grads, None, None, None, None, None, None)
+            backward = _kernels.fused_linear_logprobs_bwd
+        grads = backward(
+            hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
+            chunk_size, logit_floor=floor,
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def _check_labels(labels: object, shape: torch.Size, shape_name: str, ref: torch.Tensor) -> torch.Tensor:
-    labels = _checks.tensor(labels, "labels")
-    if labels.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+def validate_logit_floor(floor: object, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """None, or a float tensor of the labels' shape and device, flattened, in ``dtype``: per position,
+    the z value below which vocabulary entries are outside the sampled distribution (-inf: none)."""
+    if floor is None:
+        return None
+    floor = _checks.float_like(floor, "logit_floor", labels, "labels")
+    return floor.detach().reshape(-1).to(dtype).contiguous()
+
+
+def validate_labels(labels: object, shape: torch.Size, shape_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """Integer ``labels`` of ``shape`` on ``ref``'s device."""
+    labels = _checks.integer_tensor(labels, "labels")
     if labels.shape != shape:
         raise ValueError(f"labels must have the shape {shape_name} {tuple(shape)}, got {tuple(labels.shape)}")
     _checks.same_device(labels, "labels", ref, "the inputs")
     return labels
 
 
-def _check_lm_head(
+def validate_lm_head(
     hidden: torch.Tensor, weight: object, bias: object
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An lm_head ``weight`` (V, H), V >= 1, and optional ``bias`` (V,) that match ``hidden``'s last
     dimension, dtype and device."""
     weight = _checks.float_tensor(weight, "weight", ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[1] < 1:
         raise ValueError(
-            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} >= 1, "
             f"got {tuple(weight.shape)}"
         )
     if weight.shape[0] < 1:
@@ -158,25 +161,12 @@ def _check_lm_head(
     return weight, bias
 
 
-def _check_chunk_size(chunk_size: object) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-
-
-def _ignore_index(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ignore_index must be an int, got {type(value).__name__}")
-    return value
-
-
-def _label_range(labels: torch.Tensor, vocab: int, ignore_index: int, check: bool | None) -> None:
+def validate_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, check: bool | None) -> None:
     """Labels outside [0, V) that are not ignore_index: ValueError when checked (default on
     CPU tensors; opt-in on CUDA, where the check costs a device sync). Unchecked, they give NaN."""
     if check is None:
         check = labels.device.type == "cpu"
-    if check:
+    if _checks.flag(check, "check_labels"):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             first = int(labels[bad][0])
@@ -194,11 +184,12 @@ def _outputs(logp, ent, shape, return_entropy):
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
+    *,
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
-    *,
     inplace_backward: bool = False,
+    logit_floor: torch.Tensor | None = None,
     check_labels: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +203,11 @@ def token_logprobs(
         inplace_backward: backward writes d logits into ``logits``' storage and returns it as the
             gradient (saves one (N, V) buffer). Only for logits that nothing else reads after
             this op's backward (e.g. a fresh ``lm_head`` output).
+        logit_floor: optional (...) float tensor, labels' shape: per position, entries with
+            ``z = logits / temperature`` below it are outside the distribution (the sampler's top-k /
+            top-p truncation, docs/formulas.md "Truncated sampling and the logit floor"): they
+            leave the normaliser and the entropy and get no gradient; -inf keeps everything. A
+            label below its floor has logp -inf.
         check_labels: raise ValueError for labels outside [0, V); default: on for CPU tensors,
             off on CUDA (it syncs), where such labels give NaN instead.
         backend: ``"auto" | "triton" | "cpu"`` (default: ``$ALIGNKIT_BACKEND`` or auto).
@@ -224,18 +220,27 @@ def token_logprobs(
         raise ValueError(
             f"logits must have a non-empty last (vocabulary) dimension, got {tuple(logits.shape)}"
         )
-    labels = _check_labels(labels, logits.shape[:-1], "of logits without its last dimension", logits)
+    labels = validate_labels(labels, logits.shape[:-1], "of logits without its last dimension", logits)
     temperature = _checks.positive(temperature, "temperature")
-    ignore_index = _ignore_index(ignore_index)
+    ignore_index = _checks.ignore_index(ignore_index)
+    return_entropy = _checks.flag(return_entropy, "return_entropy")
+    inplace_backward = _checks.flag(inplace_backward, "inplace_backward")
     vocab = logits.shape[-1]
-    _label_range(labels, vocab, ignore_index, check_labels)
+    validate_label_range(labels, vocab, ignore_index, check_labels)
     triton = _use_triton(backend, logits)
+    if inplace_backward and 0 in logits.stride():
+        raise ValueError(
+            "inplace_backward=True writes the gradient into logits' storage, which an expanded "
+            f"(stride-0) view shares between elements: got strides {logits.stride()}; pass "
+            "logits.contiguous() or inplace_backward=False"
+        )
     flat = logits.reshape(-1, vocab)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    floor = validate_logit_floor(logit_floor, labels, _checks.accumulation_dtype(logits))
     logp, ent = _TokenLogprobs.apply(
-        flat, flat_labels, temperature, ignore_index, triton, inplace_backward, bool(return_entropy)
+        flat, flat_labels, floor, temperature, ignore_index, triton, inplace_backward, return_entropy
     )
     return _outputs(logp, ent, labels.shape, return_entropy)
 
@@ -244,12 +249,13 @@ def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
+    *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
-    *,
+    logit_floor: torch.Tensor | None = None,
     check_labels: bool | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +268,8 @@ def fused_linear_logprobs(
         bias: optional (V,) lm_head bias.
         chunk_size: rows of logits held at once by the backward (and by the CPU forward);
             default: a (chunk, V) block about the size of ``hidden`` (Triton) or 32 MiB (CPU).
-        check_labels, backend: as in :func:`token_logprobs`.
+        logit_floor, check_labels, backend: as in :func:`token_logprobs` (the floor is applied
+            inside the fused tiles: the truncated distribution without any logits in memory).
 
     Gradients flow to hidden, weight and bias from the upstream gradients of logp and of the
     entropy; backward recomputes the logits block by block from the saved ``lse`` and ``H``.
@@ -274,21 +281,23 @@ def fused_linear_logprobs(
     hidden = _checks.float_tensor(hidden, "hidden")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least 1 dimension (..., H), got a scalar")
-    weight, bias = _check_lm_head(hidden, weight, bias)
+    weight, bias = validate_lm_head(hidden, weight, bias)
     vocab = weight.shape[0]
-    labels = _check_labels(labels, hidden.shape[:-1], "of hidden without its last dimension", hidden)
+    labels = validate_labels(labels, hidden.shape[:-1], "of hidden without its last dimension", hidden)
     temperature = _checks.positive(temperature, "temperature")
-    ignore_index = _ignore_index(ignore_index)
-    _check_chunk_size(chunk_size)
-    _label_range(labels, vocab, ignore_index, check_labels)
+    ignore_index = _checks.ignore_index(ignore_index)
+    return_entropy = _checks.flag(return_entropy, "return_entropy")
+    chunk_size = _checks.chunk_size(chunk_size)
+    validate_label_range(labels, vocab, ignore_index, check_labels)
     triton = _use_triton(backend, hidden)
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    floor = validate_logit_floor(logit_floor, labels, _checks.accumulation_dtype(hidden))
     logp, ent = _FusedLinearLogprobs.apply(
-        flat, weight, bias, flat_labels, temperature, ignore_index, chunk_size, triton, bool(return_entropy)
+        flat, weight, bias, flat_labels, floor, temperature, ignore_index, chunk_size, triton, return_entropy
     )
     return _outputs(logp, ent, labels.shape, return_entropy)
 
@@ -313,6 +322,20 @@ def _output_head(model: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
+def _check_token_range(model: object, input_ids: torch.Tensor) -> None:
+    """Token ids must index the model's input embedding (an out-of-range id fails deep inside the
+    model, or reads another row on CUDA): checked on CPU tensors, where it costs no device sync."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    vocab = getattr(embedding, "num_embeddings", None)
+    if not isinstance(vocab, int) or input_ids.device.type != "cpu" or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}")
+
+
 def causal_lm_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -323,6 +346,7 @@ def causal_lm_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    logit_floor: torch.Tensor | None = None,
     backend: str | None = None,
     **model_kwargs: object,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -339,26 +363,33 @@ def causal_lm_logprobs(
         position_ids: forwarded to the model (pass ``cumsum(mask) - 1`` for left padding).
         logits_to_keep: score only the last k tokens (0: all T - 1), as TRL does for completions.
         temperature, chunk_size, backend: as in :func:`fused_linear_logprobs`.
+        logit_floor: optional, the shape of the output ((B, T - 1) or (B, k)): the rollout's
+            ``logit_floor``, so the recomputed log-probs are those of the distribution it sampled.
         model_kwargs: forwarded to the body.
 
     Returns:
         logp (B, T - 1) (or (B, k)) float32, 0 where the scored token is padding
         (``attention_mask[:, t + 1] == 0``); with ``return_entropy``, ``(logp, entropy)``.
     """
-    input_ids = _checks.tensor(input_ids, "input_ids")
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.is_complex():
-        raise ValueError(
-            f"input_ids must be a (B, T) integer tensor, got {input_ids.dtype} of shape "
-            f"{tuple(input_ids.shape)}"
-        )
+    input_ids = _checks.integer_tensor(input_ids, "input_ids")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (B, T) integer tensor, got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] < 2:
         raise ValueError(
             f"input_ids must hold at least 2 tokens per row to score one, got {tuple(input_ids.shape)}"
         )
     if attention_mask is not None:
         attention_mask = _checks.mask(attention_mask, "attention_mask", input_ids, "input_ids")
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-        raise ValueError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+    if position_ids is not None:
+        position_ids = _checks.integer_tensor(position_ids, "position_ids")
+        if position_ids.shape not in (input_ids.shape, (1, input_ids.shape[1])):
+            raise ValueError(
+                f"position_ids must have the shape of input_ids {tuple(input_ids.shape)} (or (1, T)), "
+                f"got {tuple(position_ids.shape)}"
+            )
+        _checks.same_device(position_ids, "position_ids", input_ids, "input_ids")
+    logits_to_keep = _checks.non_negative_int(logits_to_keep, "logits_to_keep")
+    _check_token_range(model, input_ids)
     weight, bias = _output_head(model)
     body = getattr(model, "base_model", None)
     if body is None or body is model:
@@ -387,5 +418,6 @@ def causal_lm_logprobs(
         ignore_index=-100,
         return_entropy=return_entropy,
         chunk_size=chunk_size,
+        logit_floor=logit_floor,
         backend=backend,
     )

@@ -1,5 +1,10 @@
-"""Masked statistics and whitening (conventions.md, "Masked whitening"). Plain torch: differentiable,
-on any device, reductions accumulated in fp32 (fp64 for fp64 input)."""
+"""Masked statistics and whitening (docs/formulas.md, "Masked whitening"). Plain torch:
+differentiable, on any device, reductions in the accumulation dtype (fp32; fp64 for fp64 input).
+
+Masked positions are selected away with ``where``, never multiplied by the mask, so NaN/inf in
+padding cannot reach the result. A mask that selects too few elements is a ValueError (one host
+read of the count), never a silent NaN.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +14,97 @@ from .. import _checks
 
 
 def _prepare(x, mask, dim) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in the accumulation dtype and the boolean selection ``mask != 0``."""
     x = _checks.float_tensor(x, "x")
     mask = _checks.mask(mask, "mask", x, "x")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if dim is not None and not isinstance(dim, int):
-        raise TypeError(f"dim must be an int or None, got {type(dim).__name__}")
-    return x.to(acc), mask.to(acc)
+    if dim is not None:
+        dim = _checks.integer(dim, "dim")
+        if not -x.dim() <= dim < max(x.dim(), 1):
+            raise ValueError(
+                f"dim must lie in [{-x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim}"
+            )
+    return x.to(_checks.accumulation_dtype(x)), mask != 0
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def _selected(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _require(count: torch.Tensor, need: int, what: str) -> None:
+    low = count < need
+    if bool(low.any()):  # one host sync: a silent NaN here would poison a whole training step
+        got = int(count.min())
+        where = "" if count.dim() == 0 else f" in every slice along dim ({int(low.sum())} slices have {got})"
+        raise ValueError(
+            f"mask must select at least {need} element{'s' * (need > 1)} for {what}{where}, got {got}"
+        )
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, dim: int | None = None) -> torch.Tensor:
     """``sum(m x) / sum(m)`` over all elements (``dim=None``) or along ``dim``.
 
-    An empty mask (sum 0) gives NaN for that reduction: there is no mean of nothing.
+    Raises ValueError when the mask selects nothing (in any slice, with ``dim``): there is no mean
+    of nothing. Returns fp32 (fp64 for fp64 x).
     """
-    x, m = _prepare(x, mask, dim)
-    if dim is None:
-        return (x * m).sum() / m.sum()
-    return (x * m).sum(dim) / m.sum(dim)
+    x, keep = _prepare(x, mask, dim)
+    count = keep.sum(dim) if dim is not None else keep.sum()
+    _require(count, 1, "a mean")
+    x = _selected(x, keep)
+    total = x.sum(dim) if dim is not None else x.sum()
+    return total / count.to(x.dtype)
 
 
-def _mean_var(x: torch.Tensor, m: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    n = m.sum()
-    need = 2 if unbiased else 1
-    if bool(n < need):  # one host sync: a silent NaN here would poison a whole training step
-        raise ValueError(f"mask must select at least {need} elements for a variance, got {int(n)}")
-    mean = (x * m).sum() / n
-    var = (m * (x - mean) ** 2).sum() / n
-    return mean, var * n / (n - 1) if unbiased else var
+def _centred(
+    x: torch.Tensor, keep: torch.Tensor, need: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, (x - mean) / scale at selected positions (0 elsewhere), scale) of the selected values.
+    They are divided by their largest magnitude first, so no square or sum overflows the dtype (fp32
+    values near 1e20 would)."""
+    n = keep.sum()
+    _require(n, need, "a variance")
+    n = n.to(x.dtype)
+    x = _selected(x, keep)
+    scale = x.detach().abs().amax()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant that cancels exactly
+    mean = scale * ((x / scale).sum() / n)
+    return mean, _selected((x - mean) / scale, keep), scale
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def _scaled_var(centred: torch.Tensor, keep: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    n = keep.sum().to(centred.dtype)
+    return centred.square().sum() / (n - 1 if unbiased else n)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
     """Masked variance over all elements; unbiased (``* n / (n - 1)``) by default.
 
     Raises ValueError when the mask selects fewer than 2 elements (``unbiased``) or none.
     """
-    return _mean_var(*_prepare(x, mask, None), unbiased)[1]
+    unbiased = _checks.flag(unbiased, "unbiased")
+    x, keep = _prepare(x, mask, None)
+    _, centred, scale = _centred(x, keep, 2 if unbiased else 1)
+    return _scaled_var(centred, keep, unbiased) * scale * scale  # scale**2 alone may overflow
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """``(x - mean) * rsqrt(var + 1e-8)`` with masked mean and unbiased masked variance, plus the
     mean back if ``shift_mean=False`` (verl's ``masked_whiten``). Returns x's shape, float32
-    (float64 for float64 x). A mask with sum 0 or 1 raises ValueError."""
-    return whiten_prepared(*_prepare(x, mask, None), shift_mean)
+    (float64 for float64 x); positions outside the mask are transformed too (as verl does), but
+    never enter the statistics. A mask with sum 0 or 1 raises ValueError."""
+    shift_mean = _checks.flag(shift_mean, "shift_mean")
+    x, keep = _prepare(x, mask, None)
+    return whiten_selected(x, keep, shift_mean=shift_mean)
 
 
-def whiten_prepared(x: torch.Tensor, m: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """:func:`masked_whiten` for inputs other ops already validated: ``x`` and the 0/1 mask ``m`` in
-    one accumulation dtype (skips the argument checks and their device sync)."""
-    mean, var = _mean_var(x, m, unbiased=True)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
+def whiten_selected(x: torch.Tensor, keep: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """:func:`masked_whiten` for inputs another op already validated: ``x`` in an accumulation dtype
+    and the boolean selection ``keep`` of its shape (skips the argument checks)."""
+    mean, centred, scale = _centred(x, keep, 2)
+    # (x - mean) / sqrt(var + 1e-8), numerator and denominator divided by the scale.
+    inv_std = torch.rsqrt(_scaled_var(centred, keep, True) + 1e-8 / scale.square())
+    out = centred * inv_std
+    # Unselected positions are transformed too (verl's output), from constants: whatever they hold
+    # (NaN padding) then reaches no gradient.
+    outside = ((x.detach() - mean.detach()) / scale) * inv_std.detach()
+    out = torch.where(keep, out, outside)
+    return out if shift_mean else out + torch.where(keep, mean, mean.detach())

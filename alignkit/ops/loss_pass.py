@@ -1,0 +1,141 @@
+"""The fused loss pass on either backend, and what follows from its per-row statistics.
+
+Every aggregation mode is linear in the per-row sums, ``loss = sum_b c_b sum_t m_t L_t``, with the
+weights ``c_b`` known once the row counts are (:func:`row_weights`). So one pass over the (B, T)
+inputs (kernels/ppo_loss.py on Triton, alignkit/cpu/losses.py on CPU) writes the per-row statistics
+(columns of alignkit.loss_layout) and, when grad is needed, the per-token gradient of the row sums;
+the backward scales that by ``c_b`` (:func:`scale_rows`). Used by :mod:`alignkit.ops.losses` and
+:mod:`alignkit.ops.fused_ppo`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import loss_layout as L
+from ..cpu import losses as _cpu
+from ..cpu import mask_to_numpy, to_numpy
+from .loss_config import PolicyLossConfig
+
+
+def row_weights(counts: torch.Tensor, agg: str, agg_scale: float | None, T: int) -> torch.Tensor:
+    """Per-row weights ``c_b`` with ``agg(L, m) = sum_b c_b sum_t m L``, from the per-row token
+    counts (no host sync). Fully masked rows get weight 0 and are not counted as rows."""
+    if agg == "token-mean":
+        if agg_scale is not None:
+            return torch.full_like(counts, 1.0 / agg_scale)
+        return (1.0 / counts.sum().clamp(min=1.0)).expand(counts.shape)
+    nonempty = (counts > 0).to(counts.dtype)
+    rows = nonempty.sum().clamp(min=1.0)
+    if agg == "seq-mean-token-sum":
+        return nonempty / rows
+    if agg == "seq-mean-token-mean":
+        return nonempty / ((counts + 1e-8) * rows)
+    # seq-mean-token-sum-norm: T = 0 has no token to divide by; its weights are never used.
+    return nonempty / (rows * (float(max(T, 1)) if agg_scale is None else agg_scale))
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().contiguous()
+
+
+def policy_stats(
+    impl: str, logp, entropy, old_logp, advantages, mask, is_weights, ref_logp,
+    config: PolicyLossConfig, dtype: torch.dtype, *, write_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """One fused pass over (B, T) inputs: per-row statistics (B, POLICY_STATS) in ``dtype`` and, when
+    ``write_grad``, the per-token gradient of the row sums w.r.t. logp (B, T), 0 where masked."""
+    if impl == "triton":
+        from ..kernels import ppo_loss as _kernels
+
+        tensors = [_contiguous(t) for t in (logp, old_logp, advantages, mask, is_weights, ref_logp, entropy)]
+        return _kernels.policy_fwd(*tensors, config=config, write_grad=write_grad, dtype=dtype)
+    arrays = [to_numpy(t, dtype) for t in (logp, old_logp, advantages)]
+    optional = [to_numpy(t, dtype) for t in (is_weights, ref_logp, entropy)]
+    stats_np, grad_np = _cpu.policy_fwd(
+        *arrays, mask_to_numpy(mask, dtype), *optional, config=config, write_grad=write_grad
+    )
+    stats = torch.from_numpy(stats_np).to(device=logp.device, dtype=dtype)
+    grad = None if grad_np is None else torch.from_numpy(grad_np).to(logp.device)
+    return stats, grad
+
+
+def value_stats(
+    impl: str, values, old_values, returns, mask, *, clip: float, dtype: torch.dtype, write_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The value loss's pass: per-row statistics (B, VALUE_STATS) in ``dtype`` and, when
+    ``write_grad``, the per-token gradient of the row sums w.r.t. values."""
+    if impl == "triton":
+        from ..kernels import ppo_loss as _kernels
+
+        tensors = [_contiguous(t) for t in (values, old_values, returns, mask)]
+        return _kernels.value_fwd(*tensors, clip=clip, write_grad=write_grad, dtype=dtype)
+    arrays = [to_numpy(t, dtype) for t in (values, old_values, returns)]
+    stats_np, grad_np = _cpu.value_fwd(*arrays, mask_to_numpy(mask, dtype), clip=clip, write_grad=write_grad)
+    stats = torch.from_numpy(stats_np).to(device=values.device, dtype=dtype)
+    grad = None if grad_np is None else torch.from_numpy(grad_np).to(values.device)
+    return stats, grad
+
+
+def scale_rows(
+    impl: str, grad: torch.Tensor, mask: torch.Tensor | None, row_weight: torch.Tensor,
+    out_dtype: torch.dtype, *, entropy_coef: float = 0.0, entropy_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Backward of every loss here: ``row_weight[:, None] * grad`` in ``out_dtype`` (None when
+    ``grad`` is None: logp needs no gradient) and, when ``entropy_dtype`` is given, d entropy
+    ``= -entropy_coef * row_weight[:, None] * (m != 0)``."""
+    with_entropy = entropy_dtype is not None
+    if impl == "triton" and grad is not None:
+        from ..kernels import ppo_loss as _kernels
+
+        return _kernels.scale_rows_bwd(
+            grad, _contiguous(mask) if with_entropy else None, row_weight, out_dtype,
+            entropy_coef=entropy_coef, entropy_dtype=entropy_dtype,
+        )  # fmt: skip
+    if grad is not None and grad.device.type == "cpu":  # numba: torch's thread pool loses on small CPUs
+        dx, dent = _cpu.scale_rows(
+            grad.numpy(), mask_to_numpy(mask, grad.dtype) if with_entropy else None,
+            row_weight.detach().to("cpu", torch.float64).numpy(),
+            entropy_coef=entropy_coef, with_entropy=with_entropy,
+        )  # fmt: skip
+        dent = None if dent is None else torch.from_numpy(dent).to(entropy_dtype)
+        return torch.from_numpy(dx).to(out_dtype), dent
+    dx = None if grad is None else (row_weight.to(grad.dtype)[:, None] * grad).to(out_dtype)
+    dent = None
+    if with_entropy:
+        w = (-entropy_coef * row_weight)[:, None].to(mask.device)
+        dent = torch.where(mask != 0, w, torch.zeros((), dtype=w.dtype, device=w.device)).to(entropy_dtype)
+    return dx, dent
+
+
+def raise_on_bad_mask(bad_counts: torch.Tensor, name: str = "mask") -> None:
+    """The pass counts mask values other than 0 and 1 as it reads the mask, so validating costs no
+    extra pass; reading the count is one host sync on CUDA."""
+    if bool(bad_counts.any()):
+        raise ValueError(f"{name} must contain only 0 and 1")
+
+
+def policy_loss_and_metrics(
+    stats: torch.Tensor, config: PolicyLossConfig, T: int, *, with_kl: bool, with_entropy: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Loss, metrics (0-dim tensors, never read on the host) and the per-row weights of the
+    aggregation, from the per-row statistics: B-sized work."""
+    raise_on_bad_mask(stats[:, L.POLICY_BAD_MASK])
+    counts = stats[:, L.POLICY_COUNT]
+    weights = row_weights(counts, config.agg, config.agg_scale, T)
+    pg = (weights * stats[:, L.POLICY_LOSS]).sum()
+    entropy = (weights * stats[:, L.POLICY_ENTROPY]).sum()
+    kl = (weights * stats[:, L.POLICY_KL]).sum()
+    loss = pg - config.entropy_coef * entropy + config.kl_coef * kl
+    tokens = counts.sum().clamp(min=1.0)
+    metrics = {
+        "pg_loss": pg,
+        "pg_clipfrac": stats[:, L.POLICY_CLIP].sum() / tokens,
+        "pg_clipfrac_lower": stats[:, L.POLICY_CLIP_LOWER].sum() / tokens,
+        "ppo_kl": stats[:, L.POLICY_NEG_LOGRATIO].sum() / tokens,
+    }
+    if with_kl:
+        metrics["kl"] = kl
+    if with_entropy:
+        metrics["entropy"] = entropy
+    return loss, metrics, weights
