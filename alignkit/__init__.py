@@ -21,6 +21,7 @@ from .ops.group_advantages import group_advantages  # noqa: E402
 from .ops.logprobs import causal_lm_logprobs, fused_linear_logprobs, token_logprobs  # noqa: E402
 from .ops.loss_config import PolicyLossConfig  # noqa: E402
 from .ops.losses import agg_loss, kl_penalty, ppo_policy_loss, value_loss  # noqa: E402
+from .ops.rollout_correction import rollout_correction_weights  # noqa: E402
 from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
 from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches  # noqa: E402
 
@@ -46,6 +47,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "ppo_policy_loss",
+    "rollout_correction_weights",
     "token_budget_minibatches",
     "token_logprobs",
     "value_loss",

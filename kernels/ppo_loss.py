@@ -1,10 +1,11 @@
-"""Triton kernels for the PPO losses: clipped policy loss (+ KL, entropy) and clipped value loss.
+"""Triton kernels for the PPO losses: the policy loss of every ``loss_type`` (ppo_clip, gspo, cispo;
++ KL, entropy) and the clipped value loss.
 
-Formulas: docs/formulas.md ("KL estimators", "Clipped policy loss", "Value loss").
+Formulas: docs/formulas.md ("KL estimators", "Clipped policy loss", "CISPO", "Value loss").
 Layout: every input is a contiguous (B, T) tensor; the grid is (B, cdiv(T, BLOCK_T)), one
 program per tile of one row.
 
-* GSPO (``ratio_level="sequence"``) first runs ``_seq_logratio_kernel`` (reads logp, old_logp and the
+* GSPO (``loss_type="gspo"``) first runs ``_seq_logratio_kernel`` (reads logp, old_logp and the
   mask once more) for the per-row mean log-ratio the per-token ratio needs.
 * Forward reads each input once and writes, per (row, tile), the partial sums the host needs for
   any aggregation mode (the row's token count is one of them, so the per-row normalisers of
@@ -54,6 +55,9 @@ _V_STATS = tl.constexpr(L.VALUE_STATS)
 _K1 = tl.constexpr(L.KL_CODES["k1"])
 _ABS = tl.constexpr(L.KL_CODES["abs"])
 _K2 = tl.constexpr(L.KL_CODES["k2"])
+# The loss-type codes LOSS_TYPE branches on.
+_GSPO = tl.constexpr(L.LOSS_CODES["gspo"])
+_CISPO = tl.constexpr(L.LOSS_CODES["cispo"])
 
 
 @triton.jit
@@ -137,32 +141,41 @@ def _policy_token(
     hi,
     dual,
     HAS_DUAL: tl.constexpr,
-    SEQ_RATIO: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
 ):
     # lr = clamp(logp - old, -20, 20); ratio = exp(lr)  (GSPO: exp(min(s_row, 10)))
-    # L1 = -A ratio; L2 = -A clamp(ratio, 1 - clip_low, 1 + clip_high); Lc = max(L1, L2)
-    # dual clip (token level only): L = Lc, or L3 = -A dual_clip where A < 0 and Lc > L3.
+    # ppo_clip / gspo: L1 = -A ratio; L2 = -A clamp(ratio, 1 - clip_low, 1 + clip_high);
+    #   Lc = max(L1, L2); dual clip (ppo_clip only): L3 = -A dual_clip where A < 0 and Lc > L3.
+    # cispo: w = stopgrad(clamp(ratio, 1 - clip_low, 1 + clip_high)); L = -w A logp; dL/dlogp = -w A;
+    #   clipped where ratio is outside [lo, hi] (a ratio on a bound is not).
     # Returns the loss, the clip predicates, -lr, and d L / d logp (before IS weights).
     diff = logp - old
     lr = _clamp_keep_nan(diff, -20.0, 20.0)
-    if SEQ_RATIO:
-        ratio = tl.exp(tl.minimum(seq_lr, 10.0)) + tl.zeros_like(logp)
+    if LOSS_TYPE == _GSPO:
+        # min(s, 10) as a select: tl.minimum may turn a NaN s (corrupt live data) into 10.
+        ratio = tl.exp(tl.where(seq_lr > 10.0, 10.0, seq_lr)) + tl.zeros_like(logp)
         dratio = tl.where(seq_lr <= 10.0, ratio, 0.0)
     else:
         ratio = tl.exp(lr)
         dratio = tl.where((diff >= -20.0) & (diff <= 20.0), ratio, 0.0)
-    l1 = -adv * ratio
-    l2 = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
-    clipped = l2 > l1
-    loss = tl.where(clipped, l2, l1)
-    if HAS_DUAL:
-        l3 = -adv * dual
-        lower = (adv < 0) & (loss > l3)
-        loss = tl.where(lower, l3, loss)
-        dloss = tl.where(clipped | lower, 0.0, -adv * dratio)
+    lower = tl.zeros(logp.shape, tl.int1)
+    if LOSS_TYPE == _CISPO:
+        w = _clamp_keep_nan(ratio, lo, hi)  # NaN stays: a NaN old_logp must not turn into a bound
+        clipped = (ratio > hi) | (ratio < lo)
+        dloss = -adv * w
+        loss = dloss * logp
     else:
-        lower = tl.zeros(logp.shape, tl.int1)
-        dloss = tl.where(clipped, 0.0, -adv * dratio)
+        l1 = -adv * ratio
+        l2 = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+        clipped = l2 > l1
+        loss = tl.where(clipped, l2, l1)
+        if HAS_DUAL:
+            l3 = -adv * dual
+            lower = (adv < 0) & (loss > l3)
+            loss = tl.where(lower, l3, loss)
+            dloss = tl.where(clipped | lower, 0.0, -adv * dratio)
+        else:
+            dloss = tl.where(clipped, 0.0, -adv * dratio)
     return loss, clipped, lower, -lr, dloss
 
 
@@ -202,7 +215,7 @@ def _ppo_policy_fwd_kernel(
     isw_ptr,
     ref_ptr,
     ent_ptr,  # (B, T) each, read only when HAS_IS / HAS_REF / HAS_ENT
-    seq_lr_ptr,  # (B,) GSPO sequence log-ratio, read only when SEQ_RATIO
+    seq_lr_ptr,  # (B,) GSPO sequence log-ratio, read only when LOSS_TYPE is gspo
     partial_ptr,  # (B, NT, POLICY_STATS)
     grad_ptr,  # (B, T) out, written when WRITE_GRAD: is_w dL/dlogp + kl_coef dKL/dlogp (0 where masked)
     T,
@@ -224,7 +237,7 @@ def _ppo_policy_fwd_kernel(
     HAS_REF: tl.constexpr,
     HAS_ENT: tl.constexpr,
     HAS_DUAL: tl.constexpr,
-    SEQ_RATIO: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
     KL_EST: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -245,10 +258,10 @@ def _ppo_policy_fwd_kernel(
     dual = join_float(dual_0, dual_1, dual_2, DTYPE)
     kl_coef = join_float(kl_0, kl_1, kl_2, DTYPE)
     seq_lr = 0.0
-    if SEQ_RATIO:
+    if LOSS_TYPE == _GSPO:
         seq_lr = tl.load(seq_lr_ptr + row).to(DTYPE)
     loss, clipped, lower, neg_lr, grad = _policy_token(
-        logp, old, adv, seq_lr, lo, hi, dual, HAS_DUAL, SEQ_RATIO
+        logp, old, adv, seq_lr, lo, hi, dual, HAS_DUAL, LOSS_TYPE
     )
     if HAS_IS:
         isw = tl.load(isw_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
@@ -397,8 +410,8 @@ def policy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Contiguous (B, T) inputs and a :class:`alignkit.PolicyLossConfig` -> per-row statistics
     (B, POLICY_STATS) in ``dtype`` (columns of alignkit.loss_layout) and, when ``write_grad``, the
-    per-token gradient of the row sums w.r.t. logp, (B, T) in ``dtype``. GSPO (``ratio_level=
-    "sequence"``) first runs the per-row log-ratio pre-pass."""
+    per-token gradient of the row sums w.r.t. logp, (B, T) in ``dtype``. GSPO (``loss_type=
+    "gspo"``) first runs the per-row log-ratio pre-pass."""
     optional = [t for t in (is_weights, ref_logp, entropy) if t is not None]
     _check_rows(logp, old_logp, advantages, mask, *optional)
     B, T = logp.shape
@@ -417,7 +430,7 @@ def policy_fwd(
             seq_lr if seq_lr is not None else partial,
             partial, grad if grad is not None else partial, T, nt, *scalars,
             HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
-            HAS_DUAL=dual is not None, SEQ_RATIO=seq_lr is not None, KL_EST=config.kl_code,
+            HAS_DUAL=dual is not None, LOSS_TYPE=config.loss_code, KL_EST=config.kl_code,
             WRITE_GRAD=write_grad, DTYPE=triton_dtype(dtype), BLOCK_T=block,
         )  # fmt: skip
     return partial.sum(1), grad

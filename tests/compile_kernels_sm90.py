@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from alignkit import loss_layout as L
 from alignkit.kernels import gae, logprobs, ppo_loss
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -337,19 +338,26 @@ def ppo_loss_variants() -> Iterator[Variant]:
                 },
                 aligned=("T",),
             )  # fmt: skip
-        # policy_fwd: every optional input off, then every one on with each KL estimator.
-        flag_sets = [dict.fromkeys(("HAS_IS", "HAS_REF", "HAS_ENT", "HAS_DUAL", "SEQ_RATIO"), False)]
-        flag_sets[0].update(KL_EST=0, WRITE_GRAD=False)
-        for kl in range(4):
-            on = dict.fromkeys(("HAS_IS", "HAS_REF", "HAS_ENT", "HAS_DUAL"), True)
-            flag_sets.append({**on, "SEQ_RATIO": kl % 2 == 0, "KL_EST": kl, "WRITE_GRAD": True})
-        if shape != "long":  # the full flag sweep once (fp32 and fp64 above); one combination here
-            flag_sets = flag_sets[-1:]
+        # policy_fwd: every optional input off, then every one on with each KL estimator, across the
+        # loss types (LOSS_CODES: ppo_clip 0, gspo 1, cispo 2). The launcher passes a dual clip only
+        # to ppo_clip (PolicyLossConfig.active_dual_clip).
+        codes = L.LOSS_CODES
+        flag_sets = [dict.fromkeys(("HAS_IS", "HAS_REF", "HAS_ENT", "HAS_DUAL"), False)]
+        flag_sets[0].update(LOSS_TYPE=codes["ppo_clip"], KL_EST=0, WRITE_GRAD=False)
+        flag_sets.append({**flag_sets[0], "LOSS_TYPE": codes["cispo"]})
+        for kl, loss_type in enumerate(("gspo", "cispo", "ppo_clip", "cispo")):
+            on = dict.fromkeys(("HAS_IS", "HAS_REF", "HAS_ENT"), True)
+            flag_sets.append({
+                **on, "HAS_DUAL": loss_type == "ppo_clip", "LOSS_TYPE": codes[loss_type], "KL_EST": kl,
+                "WRITE_GRAD": True,
+            })  # fmt: skip
+        if shape != "long":  # the full flag sweep once (fp32 and fp64 above); ppo_clip and cispo here
+            flag_sets = flag_sets[-2:]
         for flags in flag_sets:
-            on = [k for k, v in flags.items() if v is True]
+            on = "+".join(k for k, v in flags.items() if v is True) or "no-flags"
             yield Variant(
                 ppo_loss._ppo_policy_fwd_kernel,
-                f"{label},{'+'.join(on) or 'no-flags'},KL_EST={flags['KL_EST']}",
+                f"{label},{on},LOSS_TYPE={flags['LOSS_TYPE']},KL_EST={flags['KL_EST']}",
                 {
                     "logp_ptr": _ptr(x), "old_ptr": _ptr(other), "adv_ptr": _ptr(other), "mask_ptr": _ptr(m),
                     "isw_ptr": _ptr(other if flags["HAS_IS"] else x),

@@ -10,6 +10,7 @@ oracles do not validate their input (the op tests check the errors). Imported as
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -171,7 +172,7 @@ def ref_policy(
     dual_clip=3.0,
     agg="token-mean",
     agg_scale=None,
-    ratio_level="token",
+    loss_type="ppo_clip",
     is_weights=None,
     ref_logp=None,
     kl_coef=0.0,
@@ -179,22 +180,30 @@ def ref_policy(
     entropy=None,
     entropy_coef=0.0,
 ):
-    """Clipped policy loss: (total, metrics, magnitude); magnitude bounds the summands, for an
-    absolute tolerance. Ties are not clipped (strict comparisons), so autograd through it is the
-    exact reference gradient at clip bounds too."""
+    """Policy loss of every ``loss_type`` (ppo_clip, gspo, cispo): (total, metrics, magnitude);
+    magnitude bounds the summands, for an absolute tolerance. Ties are not clipped (strict
+    comparisons), so autograd through it is the exact reference gradient at clip bounds too.
+    CISPO: ``-stopgrad(clamp(ratio, 1 - clip_low, 1 + clip_high)) * A * logp``, clipped where
+    ``ratio != clamp(ratio)``, no dual clip."""
     keep = mask != 0
     mf = keep.double()
     lr = (logp - old).clamp(-20, 20)
-    if ratio_level == "token":
+    if loss_type != "gspo":
         ratio = lr.exp()
     else:
         s = torch.where(keep, lr, 0.0).sum(-1) / mf.sum(-1).clamp(min=1)
         ratio = (logp - logp.detach() + s.detach()[:, None]).clamp(max=10).exp()
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.where(l2 > l1, l2, l1)
     lower = torch.zeros_like(keep)
-    if dual_clip is not None and ratio_level == "token":
+    if loss_type == "cispo":
+        w = ratio.clamp(1 - clip_low, 1 + clip_high)
+        loss = -w.detach() * adv * logp
+        clipped = ratio != w
+    else:
+        l1 = -adv * ratio
+        l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+        clipped = l2 > l1
+        loss = torch.where(clipped, l2, l1)
+    if dual_clip is not None and loss_type == "ppo_clip":
         l3 = -adv * dual_clip
         lower = (adv < 0) & (loss > l3)
         loss = torch.where(lower, l3, loss)
@@ -206,7 +215,7 @@ def ref_policy(
     tokens = mf.sum()
     metrics = {
         "pg_loss": pg,
-        "pg_clipfrac": ((l2 > l1) & keep).double().sum() / tokens,
+        "pg_clipfrac": (clipped & keep).double().sum() / tokens,
         "pg_clipfrac_lower": (lower & keep).double().sum() / tokens,
         "ppo_kl": torch.where(keep, -lr, 0.0).sum() / tokens,
     }
@@ -232,6 +241,49 @@ def ref_value(values, old, returns, mask, clip=0.5, agg="token-mean", agg_scale=
     loss = 0.5 * ref_agg(torch.where(e2 > e1, e2, e1), mask, agg, agg_scale)
     keep = mask != 0
     return loss, ((e2 > e1) & keep).double().sum() / keep.double().sum()
+
+
+def ref_rollout_correction(old_logp, rollout_logp, mask, level="token", mode="tis", threshold=2.0):
+    """Rollout-correction weights and metrics (docs/formulas.md, "Rollout correction"), a Python loop
+    over sequences in float64: (weights (B, T), metrics dict). Units are live tokens (token level)
+    or non-empty sequences (sequence level); a unit is clipped when rho > threshold."""
+    old, roll, m = (x.double().cpu().tolist() for x in (old_logp, rollout_logp, mask))
+    weights = [[0.0] * len(row) for row in old]
+    unit_weights, clipped, mismatch = [], [], []
+
+    def exp(x):
+        return math.inf if x > 709.0 else math.exp(x)  # math.exp raises on overflow
+
+    def weight(rho):
+        if mode == "tis":
+            return min(rho, threshold) if rho == rho else rho
+        return 0.0 if rho > threshold else rho
+
+    for b in range(len(old)):
+        live = [t for t in range(len(old[b])) if m[b][t] != 0]
+        mismatch += [abs(old[b][t] - roll[b][t]) for t in live]
+        if level == "token":
+            for t in live:
+                rho = exp(old[b][t] - roll[b][t])
+                weights[b][t] = weight(rho)
+                unit_weights.append(weights[b][t])
+                clipped.append(rho > threshold)
+        elif live:
+            rho = exp(sum(old[b][t] - roll[b][t] for t in live))
+            for t in live:
+                weights[b][t] = weight(rho)
+            unit_weights.append(weight(rho))
+            clipped.append(rho > threshold)
+    n_units = max(len(unit_weights), 1)
+    metrics = {
+        "rollout/logprob_mismatch": sum(mismatch) / max(len(mismatch), 1),
+        "rollout/logprob_mismatch_max": max(mismatch, default=0.0),
+        "rollout_is/mean": sum(unit_weights) / n_units,
+        "rollout_is/max": max(unit_weights, default=0.0),
+        "rollout_is/clipfrac": sum(clipped) / n_units,
+    }
+    out = torch.tensor(weights, dtype=torch.float64).reshape(old_logp.shape)
+    return out, {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------- log-probs

@@ -177,7 +177,7 @@ def _gspo(backend, d, value):
     p = {k: _poison(t, dead, value) for k, t in x.items()}
     logp = p["logp"].requires_grad_()
     loss, metrics = alignkit.ppo_policy_loss(
-        logp, p["old_logp"], p["advantages"], m, ratio_level="sequence", backend=backend
+        logp, p["old_logp"], p["advantages"], m, loss_type="gspo", backend=backend
     )
     (g_logp,) = torch.autograd.grad(loss, logp)
     return [loss, *metrics.values(), g_logp], (x, m)

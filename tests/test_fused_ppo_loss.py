@@ -3,8 +3,9 @@
 
 Oracle: logits = hidden @ W^T + b in float64, then the log-prob and policy-loss oracles of
 tests/oracles.py; gradients are autograd through it. The CPU backend runs every schedule (single
-pass with whole-row and part-row chunks, two phases for GSPO); Triton (interpreted without CUDA,
-compiled on CUDA tensors with one) runs the two-phase schedule on a representative subset.
+pass with whole-row and part-row chunks, for ppo_clip and cispo; two phases for GSPO); Triton
+(interpreted without CUDA, compiled on CUDA tensors with one) runs the two-phase schedule on a
+representative subset.
 """
 
 from __future__ import annotations
@@ -161,17 +162,27 @@ OPTIONS = [
     },
     {
         "agg": "token-mean",
-        "ratio_level": "sequence",
+        "loss_type": "gspo",
         "kl_coef": 0.05,
         "kl_estimator": "abs",
         "_extras": ("ref_logp",),
     },
-    {"agg": "seq-mean-token-mean", "ratio_level": "sequence", "entropy_coef": 0.01},
+    {"agg": "seq-mean-token-mean", "loss_type": "gspo", "entropy_coef": 0.01},
+    {
+        "agg": "seq-mean-token-sum",
+        "loss_type": "cispo",
+        "clip_high": 0.28,
+        "kl_coef": 0.1,
+        "kl_estimator": "k3",
+        "entropy_coef": 0.01,
+        "_extras": ("ref_logp", "is_weights"),
+    },
+    {"agg": "token-mean", "loss_type": "cispo", "dual_clip": 3.0},
 ]
 
 
 def _opt_id(o):
-    return f"{o['agg']}-{o.get('ratio_level', 'token')}-{o.get('kl_estimator', 'nokl')}"
+    return f"{o['agg']}-{o.get('loss_type', 'ppo_clip')}-{o.get('kl_estimator', 'nokl')}"
 
 
 # chunk sizes: default (one block), 5 < T (pieces of one row), 25 (groups of two whole rows)
@@ -183,15 +194,15 @@ def test_fused_matches_oracle_and_composition_cpu(opts, temperature, chunk_size)
 
 
 @triton_only
-@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[3], OPTIONS[4]], ids=_opt_id)
+@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[3], OPTIONS[4], OPTIONS[6]], ids=_opt_id)
 def test_fused_matches_oracle_and_composition_triton(backend, backend_device, opts):
     check(make_inputs(B=2, T=8, H=16, V=48, device=backend_device), backend, 0.7, opts)
 
 
+@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[6]], ids=_opt_id)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_fused_dtypes_cpu(dtype):
+def test_fused_dtypes_cpu(dtype, opts):
     inputs = make_inputs(dtype=dtype)
-    opts = OPTIONS[1]
     if dtype == torch.float64:
         check(inputs, "cpu", 1.0, opts, chunk_size=7, rtol_oracle=1e-10)
         return
@@ -300,9 +311,8 @@ def test_garbage_hidden_at_masked_positions_does_not_leak(backend, backend_devic
     live = clean["mask"] & (clean["labels"] != -100)
     poisoned = dict(clean, hidden=clean["hidden"].masked_fill(~live[..., None], fill))
     # CPU: the single pass (one block, part-row blocks) and GSPO's two phases; Triton: two phases.
-    schedules = (
-        ({}, {"chunk_size": 3}, {"ratio_level": "sequence"}) if backend == "cpu" else ({"chunk_size": 3},)
-    )
+    schedules = ({}, {"chunk_size": 3}, {"loss_type": "gspo"}) if backend == "cpu" else ({"chunk_size": 3},)
+    schedules += ({"loss_type": "cispo", "chunk_size": 3},)
     for schedule in schedules:
         opts = {"kl_coef": 0.1, "entropy_coef": 0.01, **schedule}
         a, b = _fused_outputs(clean, backend, **opts), _fused_outputs(poisoned, backend, **opts)

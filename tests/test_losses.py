@@ -1,5 +1,6 @@
-"""PPO losses (alignkit.ppo_policy_loss, value_loss, kl_penalty, agg_loss) and PolicyLossConfig against
-the float64 oracles of tests/oracles.py.
+"""PPO losses (alignkit.ppo_policy_loss with every loss_type: ppo_clip, gspo, cispo; value_loss,
+kl_penalty, agg_loss) against the float64 oracles of tests/oracles.py (PolicyLossConfig itself:
+tests/test_loss_config.py).
 
 The oracle is the formulas of docs/formulas.md written plainly in float64 torch; gradients are
 autograd through it. Ties use strict comparisons (``torch.where(L2 > L1, L2, L1)``), the convention
@@ -11,7 +12,6 @@ option value.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -19,13 +19,14 @@ import torch
 from oracles import assert_close, ref_agg, ref_kl, ref_policy, ref_value
 
 import alignkit
-from alignkit import PolicyLossConfig, agg_loss, kl_penalty, ppo_policy_loss, value_loss
+from alignkit import agg_loss, kl_penalty, ppo_policy_loss, value_loss
 
 # A Triton-only test: the backend fixture's triton case (CUDA tensors when CUDA is present).
 triton_only = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
 AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KL_NAMES = ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"]
+LOSS_TYPES = ["ppo_clip", "gspo", "cispo"]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -112,14 +113,14 @@ EXTRAS = [
 ]
 
 
-def policy_opts(clip, dual, agg, ratio_level, kl, ent):
+def policy_opts(clip, dual, agg, loss_type, kl, ent):
     opts = {
         "clip_low": clip[0],
         "clip_high": clip[1],
         "dual_clip": dual,
         "agg": agg[0],
         "agg_scale": agg[1],
-        "ratio_level": ratio_level,
+        "loss_type": loss_type,
     }
     extras = []
     if kl[0] is not None:
@@ -136,12 +137,12 @@ def policy_opts(clip, dual, agg, ratio_level, kl, ent):
 
 @pytest.mark.parametrize("kl", EXTRAS, ids=lambda e: f"{e[0]}-ent{int(e[2])}")
 @pytest.mark.parametrize("is_weights", [False, True], ids=["noIS", "IS"])
-@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("agg", AGGS, ids=lambda a: f"{a[0]}-{a[1]}")
 @pytest.mark.parametrize("dual", DUALS, ids=["dual3", "nodual"])
 @pytest.mark.parametrize("clip", CLIPS, ids=["sym", "asym"])
-def test_policy_loss_all_options_cpu(clip, dual, agg, ratio_level, is_weights, kl):
-    opts, extras = policy_opts(clip, dual, agg, ratio_level, kl, kl[2])
+def test_policy_loss_all_options_cpu(clip, dual, agg, loss_type, is_weights, kl):
+    opts, extras = policy_opts(clip, dual, agg, loss_type, kl, kl[2])
     if is_weights:
         extras.append("is_weights")
     run_policy(make_policy_inputs(B=5, T=37), "cpu", opts, extras)
@@ -149,41 +150,45 @@ def test_policy_loss_all_options_cpu(clip, dual, agg, ratio_level, is_weights, k
 
 # Every option value at least once, under the Triton interpreter (slow: a subset).
 TRITON_CASES = [
-    (CLIPS[0], 3.0, AGGS[0], "token", False, EXTRAS[0]),
-    (CLIPS[1], 3.0, AGGS[2], "token", True, EXTRAS[1]),
-    (CLIPS[0], None, AGGS[3], "token", True, EXTRAS[2]),
-    (CLIPS[1], 3.0, AGGS[4], "sequence", True, EXTRAS[3]),
-    (CLIPS[0], 3.0, AGGS[1], "token", False, EXTRAS[4]),
-    (CLIPS[1], None, AGGS[5], "sequence", False, EXTRAS[5]),
-    (CLIPS[0], 3.0, AGGS[3], "sequence", True, EXTRAS[6]),
+    (CLIPS[0], 3.0, AGGS[0], "ppo_clip", False, EXTRAS[0]),
+    (CLIPS[1], 3.0, AGGS[2], "ppo_clip", True, EXTRAS[1]),
+    (CLIPS[0], None, AGGS[3], "ppo_clip", True, EXTRAS[2]),
+    (CLIPS[1], 3.0, AGGS[4], "gspo", True, EXTRAS[3]),
+    (CLIPS[0], 3.0, AGGS[1], "ppo_clip", False, EXTRAS[4]),
+    (CLIPS[1], None, AGGS[5], "gspo", False, EXTRAS[5]),
+    (CLIPS[0], 3.0, AGGS[3], "gspo", True, EXTRAS[6]),
+    (CLIPS[1], 3.0, AGGS[3], "cispo", True, EXTRAS[4]),
+    (CLIPS[0], None, AGGS[1], "cispo", False, EXTRAS[2]),
+    (CLIPS[1], None, AGGS[5], "cispo", True, EXTRAS[1]),
 ]
 
 
 @triton_only
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[2][0]}-{c[3]}-{c[5][0]}")
 def test_policy_loss_options_triton(backend, backend_device, case):
-    clip, dual, agg, ratio_level, is_weights, kl = case
-    opts, extras = policy_opts(clip, dual, agg, ratio_level, kl, kl[2])
+    clip, dual, agg, loss_type, is_weights, kl = case
+    opts, extras = policy_opts(clip, dual, agg, loss_type, kl, kl[2])
     if is_weights:
         extras.append("is_weights")
     run_policy(make_policy_inputs(B=4, T=45, device=backend_device), backend, opts, extras)
 
 
 @triton_only
-@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-def test_policy_loss_multi_tile_triton(monkeypatch, backend, backend_device, ratio_level):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_policy_loss_multi_tile_triton(monkeypatch, backend, backend_device, loss_type):
     from alignkit.kernels import ppo_loss as kernels
 
     monkeypatch.setattr(kernels, "MAX_BLOCK_T", 16)  # 3 tiles per row: partial sums across tiles
-    opts = {"agg": "seq-mean-token-mean", "ratio_level": ratio_level, "kl_coef": 0.1, "entropy_coef": 0.01}
+    opts = {"agg": "seq-mean-token-mean", "loss_type": loss_type, "kl_coef": 0.1, "entropy_coef": 0.01}
     inputs = make_policy_inputs(B=3, T=40, device=backend_device)
     run_policy(inputs, backend, opts, ("ref_logp", "entropy", "is_weights"))
 
 
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "cispo"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_policy_loss_dtypes(backend, dtype):
+def test_policy_loss_dtypes(backend, dtype, loss_type):
     inputs = make_policy_inputs(B=3, T=33, dtype=dtype)
-    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01}
+    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01, "loss_type": loss_type}
     loss, metrics, _ = run_policy(inputs, backend, opts, rtol=1e-12 if dtype == torch.float64 else 1e-6)
     expected = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == expected and all(v.dtype == expected for v in metrics.values())
@@ -211,20 +216,22 @@ def test_cpu_parallel_kernels_match_oracle(monkeypatch):
     import alignkit.cpu
 
     monkeypatch.setattr(alignkit.cpu, "PARALLEL_MIN_ELEMENTS", 0)
-    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01}
-    run_policy(make_policy_inputs(B=5, T=33), "cpu", opts)
+    for loss_type in LOSS_TYPES:
+        opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01, "loss_type": loss_type}
+        run_policy(make_policy_inputs(B=5, T=33), "cpu", opts)
     check_value_loss("cpu", 0.2, AGGS[3])
 
 
 # ----------------------------------------------------------------------------- policy edge cases
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_fully_masked_rows_are_excluded(backend, agg):
+def test_fully_masked_rows_are_excluded(backend, agg, loss_type):
     inputs = make_policy_inputs(B=4, T=24)
     inputs["mask"][1] = False
     inputs["mask"][3] = False
-    opts = {"agg": agg, "kl_coef": 0.1, "entropy_coef": 0.01}
+    opts = {"agg": agg, "kl_coef": 0.1, "entropy_coef": 0.01, "loss_type": loss_type}
     kw = {"ref_logp": inputs["ref_logp"], "entropy": inputs["entropy"]}
     full, _ = ppo_policy_loss(
         inputs["logp"],
@@ -253,8 +260,9 @@ def test_fully_masked_rows_are_excluded(backend, agg):
     run_policy(inputs, backend, opts)
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_all_masked_batch_gives_zero(backend, agg):
+def test_all_masked_batch_gives_zero(backend, agg, loss_type):
     inputs = make_policy_inputs(B=3, T=16)
     inputs["mask"][:] = False
     logp = inputs["logp"].clone().requires_grad_()
@@ -265,6 +273,7 @@ def test_all_masked_batch_gives_zero(backend, agg):
         inputs["advantages"],
         inputs["mask"],
         agg=agg,
+        loss_type=loss_type,
         ref_logp=inputs["ref_logp"],
         kl_coef=0.1,
         entropy=ent,
@@ -276,21 +285,26 @@ def test_all_masked_batch_gives_zero(backend, agg):
     assert (logp.grad == 0).all() and (ent.grad == 0).all()
 
 
-def test_zero_advantages(backend):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_zero_advantages(backend, loss_type):
     inputs = make_policy_inputs(B=3, T=20)
     inputs["advantages"].zero_()
-    loss, metrics, grads = run_policy(inputs, backend, {}, extras=())
-    assert float(loss.detach()) == 0.0 and float(metrics["pg_clipfrac"]) == 0.0
+    loss, metrics, grads = run_policy(inputs, backend, {"loss_type": loss_type}, extras=())
+    assert float(loss.detach()) == 0.0
+    if loss_type != "cispo":  # CISPO's clip fraction counts ratios outside the range, whatever A
+        assert float(metrics["pg_clipfrac"]) == 0.0
     assert (grads[0] == 0).all()
 
 
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "cispo"])
 @pytest.mark.parametrize("clip", [(0.0, 0.0), (0.0, 0.2), (0.2, 0.0)])
-def test_ratio_exactly_at_clip_boundary(backend, clip):
+def test_ratio_exactly_at_clip_boundary(backend, clip, loss_type):
     # ratio == 1 exactly (logp == old_logp) sits on every zero-width clip bound: L1 == L2, a tie,
-    # which is not clipped: the gradient is the unclipped -A * w.
+    # which is not clipped: the gradient is the unclipped -A * w (CISPO: w = ratio = 1, also -A).
     inputs = make_policy_inputs(B=3, T=20)
     inputs["old_logp"] = inputs["logp"].clone()
-    _, metrics, grads = run_policy(inputs, backend, {"clip_low": clip[0], "clip_high": clip[1]}, extras=())
+    opts = {"clip_low": clip[0], "clip_high": clip[1], "loss_type": loss_type}
+    _, metrics, grads = run_policy(inputs, backend, opts, extras=())
     m = inputs["mask"]
     assert float(metrics["pg_clipfrac"]) == 0.0
     expected = torch.where(m, -inputs["advantages"] / m.sum(), torch.zeros(()))
@@ -298,14 +312,14 @@ def test_ratio_exactly_at_clip_boundary(backend, clip):
 
 
 @pytest.mark.parametrize("dual", [3.0, None])
-@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-def test_log_ratio_beyond_20(backend, dual, ratio_level):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_log_ratio_beyond_20(backend, dual, loss_type):
     inputs = make_policy_inputs(B=4, T=16)
     offsets = torch.tensor([30.0, -30.0, 20.0, -20.0, 25.0, -45.0, 0.5, 19.0])
     inputs["logp"] = -torch.randint(0, 8, (4, 16)).float() / 8  # logp - offset is exact in fp32
     inputs["old_logp"] = inputs["logp"] - offsets.repeat(8)[:16].expand(4, 16)
     inputs["mask"][:, :8] = True
-    opts = {"dual_clip": dual, "ratio_level": ratio_level, "kl_coef": 0.1}
+    opts = {"dual_clip": dual, "loss_type": loss_type, "kl_coef": 0.1}
     loss, metrics, _ = run_policy(inputs, backend, opts, extras=("ref_logp",))
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
 
@@ -332,13 +346,94 @@ def test_gspo_sequence_ratio_clamped_at_10(backend):
     inputs = make_policy_inputs(B=2, T=16, empty_row=False)
     inputs["old_logp"] = inputs["logp"] - 12.0  # s = 12 > 10: ratio e^10, no gradient through it
     inputs["advantages"] = -inputs["advantages"].abs()  # A < 0: the unclipped branch is active
-    _, _, grads = run_policy(inputs, backend, {"ratio_level": "sequence", "clip_high": 1e6}, extras=())
+    _, _, grads = run_policy(inputs, backend, {"loss_type": "gspo", "clip_high": 1e6}, extras=())
     assert (grads[0] == 0).all()
 
 
-def test_nan_in_masked_positions_does_not_leak(backend):
+# ----------------------------------------------------------------------------- CISPO
+
+
+def cispo_weight(inputs, clip_low=0.2, clip_high=0.2):
+    """w = clamp(exp(clamp(logp - old, -20, 20)), 1 - clip_low, 1 + clip_high) in float64."""
+    lr = (inputs["logp"].double() - inputs["old_logp"].double()).clamp(-20, 20)
+    return lr.exp().clamp(1 - clip_low, 1 + clip_high)
+
+
+@pytest.mark.parametrize("clip", CLIPS, ids=["sym", "asym"])
+def test_cispo_closed_form_fp64(backend, clip):
+    """fp64 in, fp64 out: loss = token-mean of -w A logp is_w, d logp = -w A is_w / n at every live
+    token, including tokens far outside the clip range (where ppo_clip has no gradient)."""
+    inputs = make_policy_inputs(B=5, T=29, dtype=torch.float64, spread=2.0)
+    opts = {"loss_type": "cispo", "clip_low": clip[0], "clip_high": clip[1]}
+    loss, metrics, grads = run_policy(inputs, backend, opts, extras=("is_weights",), rtol=1e-12)
+    m = inputs["mask"]
+    n = m.sum()
+    w = cispo_weight(inputs, *clip)
+    a, isw = inputs["advantages"], inputs["is_weights"]
+    zero = torch.zeros((), dtype=torch.float64)
+    assert_close(loss, torch.where(m, -w * a * inputs["logp"] * isw, zero).sum() / n, 1e-12, name="loss")
+    assert_close(grads[0], torch.where(m, -w * a * isw / n, zero), 1e-12, name="d logp")
+    outside = m & ((w == 1 - clip[0]) | (w == 1 + clip[1]))
+    assert outside.sum() > 10 and (grads[0][outside] != 0).all()
+    assert float(metrics["pg_clipfrac"]) == pytest.approx(int(outside.sum()) / int(n), abs=1e-12)
+    assert loss.dtype == torch.float64 and grads[0].dtype == torch.float64
+
+
+def test_cispo_has_no_dual_clip(backend):
+    """Negative advantages with ratios far above 1 + clip_high: dual_clip changes nothing and
+    pg_clipfrac_lower stays 0 (dual_clip is ppo_clip's)."""
+    inputs = make_policy_inputs(B=3, T=24, empty_row=False)
+    inputs["old_logp"] = inputs["logp"] - 1.0  # ratio e > 1 + clip_high: every token clipped
+    inputs["advantages"] = -inputs["advantages"].abs() - 0.1
+    results = [
+        run_policy(inputs, backend, {"loss_type": "cispo", "dual_clip": dual}, extras=())
+        for dual in (3.0, 1.5, None)
+    ]
+    for loss, metrics, grads in results:
+        assert float(metrics["pg_clipfrac_lower"]) == 0.0 and float(metrics["pg_clipfrac"]) == 1.0
+        assert torch.equal(loss, results[0][0]) and torch.equal(grads[0], results[0][2][0])
+    ppo = run_policy(inputs, backend, {"dual_clip": 3.0}, extras=())  # ppo_clip: dual clip active
+    assert float(ppo[1]["pg_clipfrac_lower"]) == 0.0  # e < 3: not yet
+    ppo = run_policy(inputs, backend, {"dual_clip": 1.5}, extras=())
+    assert float(ppo[1]["pg_clipfrac_lower"]) == 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 1), (1, 257), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cispo_odd_shapes(backend, shape):
+    inputs = make_policy_inputs(*shape)
+    opts = {"loss_type": "cispo", "agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.01}
+    run_policy(inputs, backend, opts)
+    run_policy(inputs, backend, {**opts, "agg": "seq-mean-token-sum-norm", "clip_high": 0.28})
+
+
+def test_cispo_t1_with_all_masked_rows(backend):
+    inputs = make_policy_inputs(B=6, T=1, empty_row=False)
+    inputs["mask"] = torch.tensor([[True], [False], [True], [False], [False], [True]])
+    for agg in AGG_MODES:
+        run_policy(inputs, backend, {"loss_type": "cispo", "agg": agg, "kl_coef": 0.1, "entropy_coef": 0.01})
+
+
+def test_cispo_ratio_on_a_clip_bound_is_not_clipped(backend):
+    """logp - old_logp = log(1 + clip_high) (and log(1 - clip_low)) exactly representable: exp gives
+    the bound itself in fp64, a tie, inside the range: w = ratio and nothing counts as clipped."""
+    inputs = make_policy_inputs(B=2, T=8, dtype=torch.float64, empty_row=False)
+    inputs["mask"][:] = True
+    clip_high = math.expm1(0.25)  # exp(0.25) == 1 + clip_high up to rounding
+    lr = torch.tensor([0.25, -0.25, 0.25, 0.0, -0.25, 0.0, 0.25, 0.0], dtype=torch.float64)
+    inputs["old_logp"] = inputs["logp"] - lr
+    diff = inputs["logp"] - inputs["old_logp"]
+    ratio = diff.exp()
+    opts = {"loss_type": "cispo", "clip_high": float(ratio.max() - 1), "clip_low": float(1 - ratio.min())}
+    assert opts["clip_high"] == pytest.approx(clip_high, rel=1e-12)
+    _, metrics, grads = run_policy(inputs, backend, opts, extras=(), rtol=1e-12)
+    assert float(metrics["pg_clipfrac"]) == 0.0
+    assert_close(grads[0], -ratio * inputs["advantages"] / 16, 1e-12, name="d logp")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_nan_in_masked_positions_does_not_leak(backend, loss_type):
     clean = make_policy_inputs(B=3, T=16)
-    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.1}
+    opts = {"agg": "seq-mean-token-mean", "kl_coef": 0.1, "entropy_coef": 0.1, "loss_type": loss_type}
     results = []
     for fill in (None, float("nan"), float("inf")):
         inputs = dict(clean)
@@ -415,26 +510,31 @@ def test_metric_keys_follow_optional_inputs():
     assert set(metrics) == {"pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"}
 
 
-def test_nan_at_a_live_position_stays_visible(backend):
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_nan_at_a_live_position_stays_visible(backend, loss_type):
     """Corrupt data at a live (mask 1) position shows up as NaN in the loss: no clamp or select may
-    turn it into a plausible number. Every other token's gradient is the oracle's; the corrupt
-    token's own gradient is NaN for a NaN advantage (for a NaN log-ratio, torch.clamp's backward
-    gives 0, so autograd through the oracle fixes nothing there)."""
+    turn it into a plausible number. Every other token's gradient is the oracle's (GSPO: the row's
+    shared ratio is NaN, so only the other rows); the corrupt token's own gradient is NaN for a NaN
+    advantage (for a NaN log-ratio, torch.clamp's backward gives 0, so autograd through the oracle
+    fixes nothing there; CISPO's -w A is NaN for every NaN input)."""
     for key in ("logp", "old_logp", "advantages"):
         inputs = make_policy_inputs(B=3, T=16, empty_row=False)
         inputs["mask"][0, 5] = True
         inputs[key][0, 5] = float("nan")
         logp = inputs["logp"].clone().requires_grad_()
         args = (inputs["old_logp"], inputs["advantages"], inputs["mask"])
-        loss, metrics = ppo_policy_loss(logp, *args, backend=backend)
+        loss, metrics = ppo_policy_loss(logp, *args, loss_type=loss_type, backend=backend)
         loss.backward()
         assert torch.isnan(loss), key
         assert torch.isnan(metrics["pg_loss"]), key
         logp64 = inputs["logp"].double().requires_grad_()
-        ref_policy(logp64, *(t.double() if t.is_floating_point() else t for t in args))[0].backward()
+        args64 = (t.double() if t.is_floating_point() else t for t in args)
+        ref_policy(logp64, *args64, loss_type=loss_type)[0].backward()
         others = torch.ones_like(inputs["mask"])
-        others[0, 5] = False
+        others[0, 5 if loss_type != "gspo" else slice(None)] = False
         assert_close(logp.grad[others], logp64.grad[others], 1e-6, name=f"d logp, NaN {key}")
+        if loss_type == "cispo":
+            assert torch.isnan(logp.grad[0, 5]), key
     assert torch.isnan(logp.grad[0, 5])  # advantages: -A d ratio is NaN
     inputs = make_policy_inputs(B=3, T=16, empty_row=False)
     inputs["mask"][2, 1] = True
@@ -451,153 +551,6 @@ def test_options_are_keyword_only():
         ppo_policy_loss(*args, 0.2)
     with pytest.raises(TypeError):
         value_loss(*args, 0.5)
-
-
-# ----------------------------------------------------------------------------- PolicyLossConfig
-
-
-def test_policy_loss_config_defaults():
-    cfg = PolicyLossConfig()
-    assert (cfg.clip_low, cfg.clip_high, cfg.dual_clip) == (0.2, 0.2, 3.0)
-    assert (cfg.agg, cfg.agg_scale, cfg.ratio_level) == ("token-mean", None, "token")
-    assert (cfg.kl_coef, cfg.kl_estimator, cfg.entropy_coef) == (0.0, "k3", 0.0)
-    assert alignkit.PolicyLossConfig is PolicyLossConfig and "PolicyLossConfig" in alignkit.__all__
-
-
-BAD_CONFIG = [
-    ("clip_low", -0.1, ValueError),
-    ("clip_low", float("inf"), ValueError),
-    ("clip_low", "0.2", TypeError),
-    ("clip_high", float("nan"), ValueError),
-    ("clip_high", None, TypeError),
-    ("dual_clip", 1.0, ValueError),
-    ("dual_clip", 0.5, ValueError),
-    ("dual_clip", float("inf"), ValueError),
-    ("dual_clip", "3", TypeError),
-    ("agg", "mean", ValueError),
-    ("agg", None, ValueError),
-    ("agg_scale", -3.0, ValueError),
-    ("agg_scale", 0.0, ValueError),
-    ("agg_scale", "10", TypeError),
-    ("ratio_level", "group", ValueError),
-    ("kl_coef", float("nan"), ValueError),
-    ("kl_coef", True, TypeError),
-    ("kl_estimator", "full", ValueError),
-    ("kl_estimator", "k3+", ValueError),
-    ("entropy_coef", float("inf"), ValueError),
-    ("entropy_coef", [0.1], TypeError),
-]
-
-
-@pytest.mark.parametrize(("field", "value", "exc"), BAD_CONFIG, ids=[f"{f}={v!r}" for f, v, _ in BAD_CONFIG])
-def test_policy_loss_config_validation_names_the_field(field, value, exc):
-    with pytest.raises(exc, match=rf"^{field} "):
-        PolicyLossConfig(**{field: value})
-    with pytest.raises(exc, match=rf"^{field} "):  # a variant is validated the same way
-        dataclasses.replace(PolicyLossConfig(), **{field: value})
-    with pytest.raises(exc, match=rf"^{field} "):  # and so is a keyword override of a loss call
-        _policy_call(config=PolicyLossConfig(), **{field: value})()
-
-
-def test_policy_loss_config_agg_scale_needs_a_mode_that_takes_it():
-    for agg in ("token-mean", "seq-mean-token-sum-norm"):
-        assert PolicyLossConfig(agg=agg, agg_scale=64).agg_scale == 64.0
-    for agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        with pytest.raises(ValueError, match=r"^agg_scale applies to token-mean"):
-            PolicyLossConfig(agg=agg, agg_scale=64.0)
-
-
-CANONICAL_KL = {"k1": "k1", "kl": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
-
-
-@pytest.mark.parametrize(("name", "canonical"), CANONICAL_KL.items())
-def test_policy_loss_config_stores_the_canonical_kl_estimator(name, canonical):
-    cfg = PolicyLossConfig(kl_estimator=name)
-    assert cfg.kl_estimator == canonical
-    assert cfg == PolicyLossConfig(kl_estimator=canonical)
-
-
-def test_policy_loss_config_normalises_numbers():
-    cfg = PolicyLossConfig(clip_low=0, clip_high=1, dual_clip=4, kl_coef=1, entropy_coef=0, agg_scale=7)
-    for field in ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "agg_scale"):
-        assert type(getattr(cfg, field)) is float, field
-    assert PolicyLossConfig(dual_clip=None).dual_clip is None
-
-
-def test_policy_loss_config_is_frozen():
-    cfg = PolicyLossConfig()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.clip_low = 0.5
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.kl_estimator = "k1"
-    variant = dataclasses.replace(cfg, clip_high=0.28)
-    assert variant.clip_high == 0.28 and cfg.clip_high == 0.2
-    assert hash(cfg) == hash(PolicyLossConfig())  # frozen dataclasses hash by value
-
-
-CONFIG_OPTIONS = {
-    "clip_low": 0.1,
-    "clip_high": 0.28,
-    "dual_clip": None,
-    "agg": "seq-mean-token-sum-norm",
-    "agg_scale": 30.0,
-    "kl_coef": 0.1,
-    "kl_estimator": "low_var_kl",
-    "entropy_coef": 0.01,
-}
-
-
-def _policy_outputs(inputs, backend, **kwargs):
-    logp = inputs["logp"].clone().requires_grad_()
-    ent = inputs["entropy"].clone().requires_grad_()
-    loss, metrics = ppo_policy_loss(
-        logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], ref_logp=inputs["ref_logp"],
-        entropy=ent, is_weights=inputs["is_weights"], backend=backend, **kwargs,
-    )  # fmt: skip
-    loss.backward()
-    return loss.detach(), metrics, logp.grad, ent.grad
-
-
-def _assert_same_outputs(a, b):
-    assert torch.equal(a[0], b[0])
-    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
-    assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
-
-
-@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
-def test_config_equals_keywords(backend, ratio_level):
-    inputs = make_policy_inputs(B=3, T=20)
-    opts = {**CONFIG_OPTIONS, "ratio_level": ratio_level}
-    by_config = _policy_outputs(inputs, backend, config=PolicyLossConfig(**opts))
-    by_keywords = _policy_outputs(inputs, backend, **opts)
-    _assert_same_outputs(by_config, by_keywords)
-    run_policy(inputs, backend, opts)  # and both are the oracle's loss
-
-
-def test_keywords_override_config_fields(backend):
-    inputs = make_policy_inputs(B=3, T=20)
-    config = PolicyLossConfig(**CONFIG_OPTIONS)
-    overrides = {
-        "clip_high": 0.5,
-        "agg": "token-mean",
-        "agg_scale": None,
-        "dual_clip": 2.0,
-        "kl_estimator": "k1",
-    }
-    got = _policy_outputs(inputs, backend, config=config, **overrides)
-    expected = _policy_outputs(inputs, backend, **{**CONFIG_OPTIONS, **overrides})
-    _assert_same_outputs(got, expected)
-    differs = _policy_outputs(inputs, backend, config=config)
-    assert not torch.equal(got[0], differs[0])  # the overrides did change something
-    # None is a value, not "unset": dual_clip=None switches off the config's dual clip
-    off = _policy_outputs(inputs, backend, config=PolicyLossConfig(dual_clip=3.0), dual_clip=None)
-    _assert_same_outputs(off, _policy_outputs(inputs, backend, dual_clip=None))
-    assert config.clip_high == 0.28  # the config itself is untouched
-
-
-def test_config_must_be_a_policy_loss_config():
-    with pytest.raises(TypeError, match="config must be an alignkit.PolicyLossConfig"):
-        _policy_call(config={"clip_low": 0.2})()
 
 
 # ----------------------------------------------------------------------------- value loss
@@ -760,7 +713,7 @@ BAD_POLICY = [
         {"kl_estimator": "full", "ref_logp": torch.zeros(2, 6)},
         "kl_estimator must be one of k1, kl, abs, k2, mse",
     ),
-    ({"ratio_level": "group"}, "ratio_level must be one of token, sequence"),
+    ({"loss_type": "group"}, "loss_type must be one of ppo_clip, gspo, cispo"),
     ({"kl_coef": 0.1}, "ref_logp"),
     ({"entropy_coef": 0.1}, "entropy"),
     ({"backend": "cuda"}, "backend"),
@@ -898,10 +851,10 @@ def test_kernel_launches_are_device_guarded(monkeypatch, backend, backend_device
 
     monkeypatch.setattr(kernels, "device_guard", guard)
     d = backend_device
-    for ratio_level in ("token", "sequence"):
+    for loss_type in LOSS_TYPES:
         inputs = make_policy_inputs(B=2, T=9, device=d)
-        run_policy(inputs, backend, {"ratio_level": ratio_level}, extras=("entropy",))
-    assert len(guarded) == 2 + 3  # policy fwd + scale rows each; GSPO's seq_logratio
+        run_policy(inputs, backend, {"loss_type": loss_type}, extras=("entropy",))
+    assert len(guarded) == 2 + 3 + 2  # policy fwd + scale rows each; GSPO's seq_logratio
     assert all(dev == d for dev in guarded)
     guarded.clear()
     v = torch.randn(2, 5, device=d, requires_grad=True)

@@ -1,4 +1,5 @@
-"""numba implementations of the PPO losses (CPU twins of kernels/ppo_loss.py).
+"""numba implementations of the PPO losses (CPU twins of kernels/ppo_loss.py): the policy loss of
+every ``loss_type`` (ppo_clip, gspo, cispo) and the clipped value loss.
 
 Same contract as the Triton launchers: the forward writes per-row statistics (token count and the
 masked sums every aggregation mode and metric needs) and, when asked, the per-token gradient of the
@@ -11,14 +12,15 @@ takes, and why:
   ``exp`` (:func:`_exp_parts_f32`; libm's ``exp`` is a scalar call the vectoriser cannot widen), as
   accurate as torch's fp32 ``exp``; fp64 inputs keep float64 libm ``exp`` (exact, not vectorised).
   The row sums are float64 accumulators whatever the dtype.
-* Every option (IS weights, KL estimator, entropy, dual clip, GSPO, gradient or not) is a
+* Every option (loss type, IS weights, KL estimator, entropy, dual clip, gradient or not) is a
   compile-time constant: the kernels are built per option set (:func:`_policy_kernels`, memoised,
   cached on disk by numba like any ``cache=True`` function). A runtime flag inside the loop measured
   1.8x slower at 256x4096.
 * Masked positions are *selected* away (``x if live else 0``), never multiplied or branched around,
   so NaN/inf in padding does not leak; NaN in a live input propagates to the loss (clamps are
   selects that keep NaN; their gradient gates are torch.clamp's, 0 at NaN). Ties are not clipped
-  (``L2 > L1`` and ``Lc > L3`` strictly, the clip-fraction predicates).
+  (``L2 > L1`` and ``Lc > L3`` strictly, the clip-fraction predicates; CISPO: a ratio on a bound
+  is inside the range).
 * fastmath is ``contract`` (FMA) and ``reassoc`` only (reassociation is what lets a float
   reduction vectorise); never ``nnan``/``ninf``, which would let LLVM fold the NaN checks away.
   The exp helper has no ``reassoc``: its Cody-Waite range reduction must run in written order.
@@ -106,10 +108,12 @@ def _exp_parts_overload(x):
 # ----------------------------------------------------------------------------- policy loss
 
 
-def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, seq_ratio, write_grad, kl_code):
+def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_grad, kl_code):
     """(serial, parallel) row kernels for one dtype and option set; every argument is a
     compile-time constant of the loop (numba freezes closure variables)."""
     ft = dtype.type
+    seq_ratio = loss_code == L.LOSS_CODES["gspo"]
+    cispo = loss_code == L.LOSS_CODES["cispo"]
 
     @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
     def row(b, logp, old, adv, mask, isw, ref, ent, scalars, stats, grad):
@@ -152,6 +156,7 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, seq_ratio, write_
             a = adv[b, t]
             # lr = clamp(logp - old, -20, 20); ratio = exp(lr); L1 = -A ratio;
             # L2 = -A clamp(ratio, lo, hi); L = max(L1, L2) (ties unclipped); dual: min(L, -A dual) if A < 0.
+            # CISPO: w = stopgrad(clamp(ratio, lo, hi)); L = -w A logp, dL/dlogp = -w A.
             diff = lp - old[b, t]
             lr = lim if diff > lim else diff  # clamps as selects: NaN passes through
             lr = -lim if lr < -lim else lr
@@ -161,18 +166,23 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, seq_ratio, write_
             else:
                 ratio = _exp_parts(lr)[0]
                 dratio = ratio if ((diff >= -lim) & (diff <= lim)) else zero  # torch.clamp's gradient gate
-            l1 = -a * ratio
             clamped = hi if ratio > hi else ratio
             clamped = lo if clamped < lo else clamped
-            l2 = -a * clamped
-            clipped = l2 > l1
-            loss = l2 if clipped else l1
             lower = False
-            if has_dual:
-                l3 = -a * dual
-                lower = (a < zero) & (loss > l3)
-                loss = l3 if lower else loss
-            g = zero if (clipped | lower) else -a * dratio
+            if cispo:
+                clipped = (ratio > hi) | (ratio < lo)  # ratio != clamp(ratio): a tie is not clipped
+                g = -a * clamped
+                loss = g * lp
+            else:
+                l1 = -a * ratio
+                l2 = -a * clamped
+                clipped = l2 > l1
+                loss = l2 if clipped else l1
+                if has_dual:
+                    l3 = -a * dual
+                    lower = (a < zero) & (loss > l3)
+                    loss = l3 if lower else loss
+                g = zero if (clipped | lower) else -a * dratio
             if has_is:
                 w = isw[b, t]
                 loss = loss * w
@@ -251,7 +261,7 @@ def policy_fwd(
     has_ref = ref_logp is not None
     key = (
         logp.dtype, is_weights is not None, has_ref, entropy is not None, dual is not None,
-        config.sequence_ratio, bool(write_grad), config.kl_code if has_ref else -1,
+        config.loss_code, bool(write_grad), config.kl_code if has_ref else -1,
     )  # fmt: skip
     kernels = _POLICY_KERNELS.get(key)
     if kernels is None:

@@ -12,10 +12,10 @@ can be back-propagated once). The aggregation normalisers (global token count, p
 come from the mask before the chunk loop, so every per-token gradient is final when its chunk is
 processed. Two schedules:
 
-* single pass (CPU, token-level ratio): per chunk of tokens, logits = one matmul, log-prob and
-  entropy, the loss terms and their gradients (alignkit/cpu/losses.py on the chunk), d logits in
-  place, then d hidden = dz @ W and d weight += dz^T h. Three matmuls per chunk; peak memory about
-  one (chunk, V) logits block plus the gradients.
+* single pass (CPU, per-token ratio: ppo_clip and cispo): per chunk of tokens, logits = one
+  matmul, log-prob and entropy, the loss terms and their gradients (alignkit/cpu/losses.py on the
+  chunk), d logits in place, then d hidden = dz @ W and d weight += dz^T h. Three matmuls per chunk;
+  peak memory about one (chunk, V) logits block plus the gradients.
 * two phases (Triton, and GSPO whose per-row ratio needs the whole row's log-probs first):
   kernels/logprobs.py's fused forward (logits tiles folded into online statistics in registers,
   never stored) for every token, the fused PPO kernels on the (B, T) log-probs, then the fused
@@ -61,8 +61,8 @@ def _chunks(B: int, T: int, chunk_tokens: int):
 def _single_pass_cpu(
     hidden, weight, bias, labels, old_logp, advantages, mask, is_weights, ref_logp, run, needs
 ):
-    """Token-level ratio on the CPU implementation: (stats (B, POLICY_STATS), d hidden, d weight,
-    d bias). ``labels`` already hold ignore_index wherever the mask is 0."""
+    """Per-token ratio (ppo_clip, cispo) on the CPU implementation: (stats (B, POLICY_STATS),
+    d hidden, d weight, d bias). ``labels`` already hold ignore_index wherever the mask is 0."""
     B, T, H = hidden.shape
     V = weight.shape[0]
     config, dtype = run.config, run.dtype
@@ -243,7 +243,7 @@ def fused_linear_ppo_loss(
     dual_clip: float | None = UNSET,
     agg: str = UNSET,
     agg_scale: float | None = UNSET,
-    ratio_level: str = UNSET,
+    loss_type: str = UNSET,
     kl_coef: float = UNSET,
     kl_estimator: str = UNSET,
     entropy_coef: float = UNSET,
@@ -273,7 +273,7 @@ def fused_linear_ppo_loss(
     may run once. Returns ``(loss, metrics)`` as ppo_policy_loss, with ``entropy`` (the aggregated
     entropy of the policy) always present.
     """
-    options = dict(zip(FIELDS, (clip_low, clip_high, dual_clip, agg, agg_scale, ratio_level, kl_coef,
+    options = dict(zip(FIELDS, (clip_low, clip_high, dual_clip, agg, agg_scale, loss_type, kl_coef,
                                 kl_estimator, entropy_coef), strict=True))  # fmt: skip
     config = resolve_config(config, options)
     hidden = _checks.float_tensor(hidden, "hidden", ndim=3)

@@ -2,7 +2,7 @@
 :func:`alignkit.ppo_policy_loss`, :func:`alignkit.fused_linear_ppo_loss` and the trainer, plus the
 validators of the names every loss uses (``agg``, ``agg_scale``, ``kl_estimator``).
 
-Formulas: docs/formulas.md ("Clipped policy loss", "KL estimators", "Loss aggregation").
+Formulas: docs/formulas.md ("Clipped policy loss", "CISPO", "KL estimators", "Loss aggregation").
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import _checks
-from ..loss_layout import KL_CODES, KL_ESTIMATORS
+from ..loss_layout import KL_CODES, KL_ESTIMATORS, LOSS_CODES
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-RATIO_LEVELS = ("token", "sequence")
+# Policy-loss variants (docs/formulas.md): the clipped PPO objective, its sequence-ratio form (GSPO,
+# one ratio per sequence) and CISPO (the clipped ratio as a detached weight on -A logp).
+LOSS_TYPES = ("ppo_clip", "gspo", "cispo")
 
 
 def agg_mode(value: object, name: str = "agg") -> str:
@@ -43,7 +45,7 @@ def kl_estimator(value: object, name: str = "kl_estimator") -> str:
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Options of the clipped policy loss (docs/formulas.md, "Clipped policy loss"), validated at
+    """Options of the policy loss (docs/formulas.md, "Clipped policy loss", "CISPO"), validated at
     construction; errors name the field. Frozen: build a variant with ``dataclasses.replace``."""
 
     clip_low: float = 0.2  # lower clip range: ratio >= 1 - clip_low
@@ -51,7 +53,7 @@ class PolicyLossConfig:
     dual_clip: float | None = 3.0  # dual-clip bound (> 1) for negative advantages; None disables
     agg: str = "token-mean"  # aggregation mode, see alignkit.agg_loss
     agg_scale: float | None = None  # global token count (token-mean) or divisor (seq-mean-token-sum-norm)
-    ratio_level: str = "token"  # "token" (PPO) or "sequence" (GSPO: one ratio per sequence)
+    loss_type: str = "ppo_clip"  # "ppo_clip" (PPO), "gspo" (one ratio per sequence) or "cispo"
     kl_coef: float = 0.0  # weight of the KL penalty in the loss (needs ref_logp when != 0)
     kl_estimator: str = "k3"  # k1/kl, abs, k2/mse, k3/low_var_kl; stored canonical
     entropy_coef: float = 0.0  # weight of the entropy bonus (needs entropy when != 0)
@@ -67,7 +69,7 @@ class PolicyLossConfig:
             put(self, "dual_clip", dual)
         put(self, "agg", agg_mode(self.agg))
         put(self, "agg_scale", agg_scale(self.agg_scale, self.agg))
-        put(self, "ratio_level", _checks.choice(self.ratio_level, "ratio_level", RATIO_LEVELS))
+        put(self, "loss_type", _checks.choice(self.loss_type, "loss_type", LOSS_TYPES))
         put(self, "kl_coef", _checks.finite(self.kl_coef, "kl_coef"))
         put(self, "kl_estimator", kl_estimator(self.kl_estimator))
         put(self, "entropy_coef", _checks.finite(self.entropy_coef, "entropy_coef"))
@@ -79,12 +81,18 @@ class PolicyLossConfig:
 
     @property
     def sequence_ratio(self) -> bool:
-        return self.ratio_level == "sequence"
+        """GSPO: one ratio per sequence (the pass needs the row's mean log-ratio first)."""
+        return self.loss_type == "gspo"
+
+    @property
+    def loss_code(self) -> int:
+        """The loss type's integer code for the kernels (alignkit.loss_layout.LOSS_CODES)."""
+        return LOSS_CODES[self.loss_type]
 
     @property
     def active_dual_clip(self) -> float | None:
-        """The dual clip the pass applies: None for GSPO, which has none."""
-        return None if self.sequence_ratio else self.dual_clip
+        """The dual clip the pass applies: None for GSPO and CISPO, which have none."""
+        return self.dual_clip if self.loss_type == "ppo_clip" else None
 
     def check_inputs(self, *, has_ref: bool, has_entropy: bool) -> None:
         """Raise when a term with a nonzero weight has no input to compute it from."""

@@ -1,7 +1,7 @@
-"""PPO losses: clipped policy loss (+ KL penalty and entropy bonus, dual clip, GSPO), clipped value
-loss, the KL estimators and masked loss aggregation.
+"""PPO losses: the policy loss (clipped with dual clip, GSPO, CISPO; + KL penalty and entropy
+bonus), clipped value loss, the KL estimators and masked loss aggregation.
 
-Formulas: docs/formulas.md ("KL estimators", "Clipped policy loss", "Value loss", "Loss
+Formulas: docs/formulas.md ("KL estimators", "Clipped policy loss", "CISPO", "Value loss", "Loss
 aggregation"), i.e. verl's ``core_algos``. The policy and value losses run as one fused pass
 (kernels/ppo_loss.py on CUDA, alignkit/cpu/losses.py on CPU): the forward reads every input once,
 reduces it to per-row statistics, from which any aggregation mode and every metric follows with
@@ -13,7 +13,8 @@ as it goes (a sync on CUDA, like every other alignkit op's mask check).
 Conventions beyond the formulas:
 
 * Ties are not clipped: the gradient at ``L1 == L2`` (ratio exactly at a clip bound) is the unclipped
-  one, and ``Lc == L3`` is not dual-clipped; this matches the clip-fraction predicates.
+  one, and ``Lc == L3`` is not dual-clipped; this matches the clip-fraction predicates (CISPO: a
+  ratio on a bound is inside the range).
 * Masked positions are selected away, never multiplied: NaN/inf there does not leak.
 * An all-masked batch gives loss 0 and zero gradients (normalisers are clamped at 1), never NaN.
 """
@@ -177,7 +178,7 @@ def ppo_policy_loss(
     dual_clip: float | None = UNSET,
     agg: str = UNSET,
     agg_scale: float | None = UNSET,
-    ratio_level: str = UNSET,
+    loss_type: str = UNSET,
     kl_coef: float = UNSET,
     kl_estimator: str = UNSET,
     entropy_coef: float = UNSET,
@@ -186,20 +187,23 @@ def ppo_policy_loss(
     entropy: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO actor loss with dual clip, KL penalty and entropy bonus, in one fused pass.
+    """PPO actor loss (clipped, GSPO or CISPO) with KL penalty and entropy bonus, in one fused pass.
 
     Per token (docs/formulas.md, "Clipped policy loss"): ``lr = clamp(logp - old_logp, -20, 20)``,
     ``ratio = exp(lr)``, ``L = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))``, then
     where ``A < 0`` ``min(L, -A dual_clip)``, times ``is_weights``. Total:
     ``agg(L) - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logp, ref_logp))``.
-    ``ratio_level="sequence"`` is GSPO (the ratio is ``exp(min(s, 10))`` with ``s`` the masked mean
+    ``loss_type="gspo"`` is GSPO (the ratio is ``exp(min(s, 10))`` with ``s`` the masked mean
     log-ratio of the row, gradient through ``logp - stopgrad(logp)``; no dual clip).
+    ``loss_type="cispo"`` is CISPO (docs/formulas.md, "CISPO"; MiniMax-M1, arXiv 2506.13585):
+    ``L = -stopgrad(clamp(ratio, 1 - clip_low, 1 + clip_high)) * A * logp``, so ``dL/dlogp = -w A``
+    at every token; no dual clip, ``pg_clipfrac`` counts ratios outside the range.
 
     Args:
         logp, old_logp, advantages, mask: (B, T); gradients flow to ``logp`` (and ``entropy``) only.
         config: a :class:`PolicyLossConfig` (default: its defaults); the option keywords below
             override its fields one by one (``clip_low``, ``clip_high``, ``dual_clip``, ``agg``,
-            ``agg_scale``, ``ratio_level``, ``kl_coef``, ``kl_estimator``, ``entropy_coef``; see
+            ``agg_scale``, ``loss_type``, ``kl_coef``, ``kl_estimator``, ``entropy_coef``; see
             :class:`PolicyLossConfig` for their meaning and defaults).
         is_weights, ref_logp, entropy: optional (B, T) tensors (truncated-IS weights, reference
             log-probs for the KL term, policy entropy for the bonus).
@@ -211,7 +215,7 @@ def ppo_policy_loss(
         clip predicates and of ``-lr``), and ``kl`` / ``entropy`` (the aggregated terms) when
         ``ref_logp`` / ``entropy`` are given.
     """
-    options = dict(zip(FIELDS, (clip_low, clip_high, dual_clip, agg, agg_scale, ratio_level, kl_coef,
+    options = dict(zip(FIELDS, (clip_low, clip_high, dual_clip, agg, agg_scale, loss_type, kl_coef,
                                 kl_estimator, entropy_coef), strict=True))  # fmt: skip
     config = resolve_config(config, options)
     logp = _checks.float_tensor(logp, "logp", ndim=2)
