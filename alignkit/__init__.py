@@ -24,14 +24,20 @@ from .ops.losses import agg_loss, kl_penalty, ppo_policy_loss, value_loss  # noq
 from .ops.rollout_correction import rollout_correction_weights  # noqa: E402
 from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
 from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches  # noqa: E402
+from .rollout import Rollout, RolloutEngine  # noqa: E402
+from .trainer import RLConfig, Trainer  # noqa: E402
 
 __all__ = [
     "BACKENDS",
     "Batch",
     "PolicyLossConfig",
+    "RLConfig",
     "ReplayBuffer",
+    "Rollout",
+    "RolloutEngine",
     "SequenceField",
     "TokenField",
+    "Trainer",
     "__version__",
     "agg_loss",
     "causal_lm_logprobs",

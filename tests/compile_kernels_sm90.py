@@ -31,11 +31,11 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from alignkit import loss_layout as L
-from alignkit.kernels import gae, logprobs, ppo_loss
+from alignkit.kernels import gae, logprobs, ppo_loss, sampling
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232_448  # shared memory per block on sm_90: a kernel needing more compiles but fails to launch
-MODULES = (gae, logprobs, ppo_loss)
+MODULES = (gae, logprobs, ppo_loss, sampling)
 F32, F64 = tl.float32, tl.float64
 
 
@@ -371,8 +371,51 @@ def ppo_loss_variants() -> Iterator[Variant]:
             )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- sampling.py
+
+
+def sampling_variants() -> Iterator[Variant]:
+    # sample_fwd: one program per row; logits fp32 / bf16 / fp16 with unit column stride, token int64,
+    # logp and floor fp32; BLOCK_V = min(next_pow2(V), 4096); top_k is passed as max(top_k, 1) (1 is
+    # specialised), seed an int < 2**31. Flags: GREEDY, or temperature-only / top-k / top-p / both.
+    flag_sets = [
+        ("greedy", True, False, False),
+        ("temperature", False, False, False),
+        ("top_k", False, True, False),
+        ("top_p", False, False, True),
+        ("top_k+top_p", False, True, True),
+    ]
+    # (x, BLOCK_V, V and stride_xn divisible by 16): Llama / Qwen vocabularies; GPT-2's 50257; V <= 1024
+    shapes = (("fp32", 4096, True), ("bf16", 4096, True), ("fp16", 4096, False), ("fp32", 1024, False))
+    for x, block_v, aligned in shapes:
+        for label, greedy, has_k, has_p in flag_sets:
+            yield Variant(
+                sampling._sample_fwd_kernel,
+                f"x={x},{label},BLOCK_V={block_v}",
+                {
+                    "x_ptr": _ptr(x), "token_ptr": "*i64", "logp_ptr": "*fp32", "floor_ptr": "*fp32",
+                    "V": "i32", "stride_xn": "i32", "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
+                    "seed": "i32", "GREEDY": Const(greedy), "HAS_TOP_K": Const(has_k),
+                    "HAS_TOP_P": Const(has_p), "BLOCK_V": Const(block_v),
+                },
+                aligned=("V", "stride_xn") if aligned else (),
+            )  # fmt: skip
+    # top_k = 1 and seed = 1 arrive as the constant 1 (runtime specialisation).
+    yield Variant(
+        sampling._sample_fwd_kernel,
+        "x=bf16,top_k=1,seed=1,top_k+top_p,BLOCK_V=4096",
+        {
+            "x_ptr": "*bf16", "token_ptr": "*i64", "logp_ptr": "*fp32", "floor_ptr": "*fp32", "V": "i32",
+            "stride_xn": "i32", "inv_temp": "fp32", "top_k": Const(1), "top_p": "fp32", "seed": Const(1),
+            "GREEDY": Const(False), "HAS_TOP_K": Const(True), "HAS_TOP_P": Const(True),
+            "BLOCK_V": Const(4096),
+        },
+        aligned=("V", "stride_xn"),
+    )  # fmt: skip
+
+
 def all_variants() -> list[Variant]:
-    return [*gae_variants(), *logprobs_variants(), *ppo_loss_variants()]
+    return [*gae_variants(), *logprobs_variants(), *ppo_loss_variants(), *sampling_variants()]
 
 
 def uncovered(variants: list[Variant]) -> list[str]:
