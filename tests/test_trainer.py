@@ -1,0 +1,184 @@
+"""The trainer on CPU with a tiny Llama and a character tokenizer (built from scratch, saved and
+reloaded with from_pretrained): each algorithm raises a toy reward, resume is exact, rollout /
+trainer log-probs agree, and bad configurations fail before any compute."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import alignkit
+from alignkit.demo import char_tokenizer, save_and_reload, tiny_llama
+from alignkit.trainer import RewardError, RLConfig, Trainer
+
+PROMPTS = [f"{c}:" for c in "abcdefghijklmnop"]
+TIME_KEYS = ("time/rollout_s", "time/train_s", "tokens_per_s")
+
+
+def digit_share(prompts, completions, **meta):
+    """The share of digits in the completion: learnable from random init in seconds."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tokenizer = char_tokenizer()
+    model = tiny_llama(len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1, seed=0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_and_reload(model, tokenizer, path)
+    return path
+
+
+def _trainer(model_dir, **overrides):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    options = dict(
+        iterations=30, prompts_per_iteration=4, num_generations=4, max_new_tokens=10, learning_rate=3e-3,
+        progress=False, seed=0,
+    )  # fmt: skip
+    options.update(overrides)
+    return Trainer(model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, config=RLConfig(**options))
+
+
+def _first_last(history, key="reward/mean", k=3):
+    values = [m[key] for m in history]
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "options"),
+    [
+        ("grpo", {}),
+        ("dr_grpo", {}),
+        ("dapo", {}),
+        ("rloo", {}),
+        ("reinforce++", {"kl_coef": 0.01, "kl_in_reward": True}),
+        ("reinforce++-baseline", {}),
+        ("grpo", {"loss_type": "gspo"}),
+        ("grpo", {"loss_type": "cispo", "ppo_epochs": 2}),
+        ("grpo", {"kl_coef": 0.05, "top_k": 12}),
+        ("grpo", {"rollout_correction": "tis", "top_p": 0.9}),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "-".join(f"{k}={v}" for k, v in value.items()),
+)
+def test_each_algorithm_raises_the_reward(model_dir, algorithm, options):
+    history = _trainer(model_dir, algorithm=algorithm, **options).train()
+    assert len(history) == 30
+    first, last = _first_last(history)
+    assert last > first + 0.1, f"{algorithm}: reward {first:.3f} -> {last:.3f}"
+    for m in history:
+        assert m["rollout/logprob_mismatch"] < 1e-4, m["rollout/logprob_mismatch"]  # fp32 parity
+        assert math.isfinite(m["entropy/mean"]) and m["entropy/mean"] >= 0
+        if options.get("kl_coef"):
+            assert m["kl/mean"] is not None and math.isfinite(m["kl/mean"]) and m["kl/mean"] >= 0
+        else:
+            assert m["kl/mean"] is None
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_grpo_learns_over_seeds(model_dir, seed):
+    history = _trainer(model_dir, seed=seed).train()
+    first, last = _first_last(history)
+    assert last > first + 0.1, f"seed {seed}: reward {first:.3f} -> {last:.3f}"
+
+
+def test_resume_continues_exactly(model_dir, tmp_path):
+    full = _trainer(model_dir, iterations=4, output_dir=str(tmp_path / "full")).train()
+    part = _trainer(model_dir, iterations=4, save_every=2, output_dir=str(tmp_path / "part"))
+    part.config.iterations = 2
+    part.train()
+    resumed = _trainer(model_dir, iterations=4, output_dir=str(tmp_path / "part"))
+    rest = resumed.train(resume_from="latest")
+    assert [m["iteration"] for m in rest] == [2, 3]
+    for a, b in zip(full[2:], rest, strict=True):
+        for key, value in a.items():
+            if key not in TIME_KEYS:
+                assert b[key] == value, (key, value, b[key])
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2, 3]
+    saved = sorted(p.name for p in (tmp_path / "part").glob("checkpoint-*"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_metrics_have_the_documented_keys(model_dir, tmp_path):
+    history = _trainer(model_dir, iterations=1, output_dir=str(tmp_path)).train()
+    keys = {
+        "iteration", "reward/mean", "reward/std", "kl/mean", "entropy/mean", "response_length/mean",
+        "policy/clipfrac", "rollout/logprob_mismatch", "time/rollout_s", "time/train_s", "tokens_per_s",
+    }  # fmt: skip
+    assert keys <= set(history[0])
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == json.loads(json.dumps(history[0]))
+    # The checkpoint's model is from_pretrained-loadable.
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1" / "model")
+
+
+@pytest.mark.parametrize(
+    ("reward", "pattern"),
+    [
+        (lambda p, c, **m: 1 / 0, "reward function .* raised ZeroDivisionError"),
+        (lambda p, c, **m: [0.0], "returned 1 scores for 16 completions"),
+        (lambda p, c, **m: [float("nan")] * len(c), "returned nan for sample 0"),
+    ],
+    ids=["raises", "wrong-length", "nan"],
+)
+def test_a_bad_reward_stops_with_a_clear_message(model_dir, reward, pattern):
+    trainer = _trainer(model_dir, iterations=1)
+    trainer.reward = alignkit.trainer.RewardFunction(reward)
+    with pytest.raises(RewardError, match=pattern):
+        trainer.train()
+
+
+async def _async_digits(prompts, completions, **meta):
+    return digit_share(prompts, completions)
+
+
+def test_async_and_weighted_rewards(model_dir):
+    trainer = _trainer(model_dir, iterations=1)
+    trainer.reward = alignkit.trainer.RewardFunction([digit_share, _async_digits], reward_weights=[0.5, 0.5])
+    (m,) = trainer.train()
+    assert m["reward/digit_share"] == pytest.approx(m["reward/_async_digits"])
+    assert m["reward/mean"] == pytest.approx(m["reward/digit_share"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [
+        ({"algorithm": "ppo2"}, ValueError, "algorithm must be one of"),
+        ({"loss_type": "clip"}, ValueError, "loss_type must be one of"),
+        ({"num_generations": 1}, ValueError, "num_generations must be >= 2"),
+        ({"learning_rate": 0}, ValueError, "learning_rate"),
+        ({"iterations": 1.5}, TypeError, "iterations"),
+        ({"kl_in_reward": True, "kl_coef": 0.1}, ValueError, "kl_in_reward"),
+        ({"top_p": 0}, ValueError, "top_p"),
+        ({"agg": "mean"}, ValueError, "agg must be one of"),
+    ],
+)
+def test_config_errors_name_the_field(options, error, pattern):
+    with pytest.raises(error, match=pattern):
+        RLConfig(**options)
+
+
+def test_config_from_mapping_and_overrides():
+    cfg = RLConfig.from_dict({"algorithm": "dapo"}, ["learning_rate=1e-4", 'stop=["\\n"]'])
+    assert cfg.algorithm == "dapo" and cfg.learning_rate == 1e-4 and cfg.stop == ["\n"]
+    assert cfg.clip_high == 0.28 and cfg.agg == "token-mean"
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['lr'\]"):
+        RLConfig.from_dict({}, ["lr=1"])
+
+
+def test_trainer_refuses_bad_setups_before_compute(model_dir):
+    tokenizer = char_tokenizer()
+    model = tiny_llama(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="prompts must hold at least one prompt"):
+        Trainer(model, tokenizer, reward_fn=digit_share, prompts=[])
+    with pytest.raises(ValueError, match="critic is for a value-based algorithm"):
+        Trainer(model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, critic=torch.nn.Linear(2, 1))
+    with pytest.raises(TypeError, match="reward_fn entries must be callable"):
+        Trainer(model, tokenizer, reward_fn=[3], prompts=PROMPTS)
