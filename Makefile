@@ -11,6 +11,9 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.alignkit-installed
+# `make demo` also installs the plot extra (matplotlib, for curves.png). DEMO_ARGS: e.g. "--seed 1".
+PLOT_STAMP := $(VENV)/.alignkit-plot-installed
+DEMO_ARGS ?=
 
 .PHONY: setup demo test bench lint clean
 
@@ -23,9 +26,13 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/core/*.cpp cs
 	$(VENV)/bin/pip install --quiet -e ".[test,lint]"
 	touch $@
 
-demo: setup
+$(PLOT_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[plot]"
+	touch $@
+
+demo: $(PLOT_STAMP)
 	$(VENV)/bin/alignkit info
-	$(VENV)/bin/alignkit smoke
+	$(VENV)/bin/alignkit demo $(DEMO_ARGS)
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The command line: --version, info, smoke."""
+"""The command line: --version, info, smoke, and the demo / train subcommands (their runs: test_demo.py)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,26 @@ def test_smoke_runs_both_backends(capsys):
     ):
         assert op in out
     assert "smoke run OK" in out
+
+
+def test_demo_and_train_are_subcommands_with_their_options(capsys):
+    for argv, options in (
+        (["demo", "--help"], ("--output", "--algo", "--model", "--device", "--seed", "KEY=VALUE")),
+        (["train", "--help"], ("--config", "KEY=VALUE", "task (addition")),
+    ):
+        try:
+            cli.main(argv)
+        except SystemExit as exc:
+            assert exc.code == 0
+        out = capsys.readouterr().out
+        for option in options:
+            assert option in out, (argv, option)
+
+
+def test_bad_subcommand_is_one_line(capsys):
+    try:
+        cli.main(["dmeo"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'dmeo'" in err and len(err.strip().splitlines()) == 1
