@@ -152,7 +152,7 @@ def token_logprobs_bwd(
         kept = _apply_floor_(z, None if logit_floor is None else logit_floor[rows])
         dz = _dz_(z, safe[rows], lse[rows], ent[rows], g_logp[rows], g_ent[rows], 1.0 / temperature)
         live = active[rows, None] if kept is None else active[rows, None] & kept
-        out[rows] = torch.where(live, dz, dz.new_zeros(()))  # padding may hold NaN
+        out[rows] = dz.masked_fill_(~live, 0.0)  # in place (no second block); padding may hold NaN
     return out
 
 
@@ -240,7 +240,7 @@ def fused_linear_logprobs_bwd(
         kept = _apply_floor_(z, None if logit_floor is None else logit_floor[rows])
         dz = _dz_(z, safe[rows], lse[rows], ent[rows], g_logp[rows], g_ent[rows], 1.0 / temperature)
         live = active[rows, None] if kept is None else active[rows, None] & kept
-        dz = torch.where(live, dz, dz.new_zeros(()))  # (inactive rows' saved lse may be NaN)
+        dz.masked_fill_(~live, 0.0)  # in place (no second block): inactive rows' saved lse may be NaN
         if d_hidden is not None:
             d_hidden[rows] = dz @ w
         if d_weight is not None:
