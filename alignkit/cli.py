@@ -69,7 +69,7 @@ def smoke() -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """The embedded demo: warm start, then RL, on held-out addition (alignkit/demo/run.py)."""
-    from alignkit.demo.overrides import apply_overrides
+    from alignkit.config_overrides import apply_overrides
     from alignkit.demo.run import DemoConfig, DemoError, run_demo
 
     fields = {

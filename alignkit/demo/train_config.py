@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config_overrides import parse_overrides
 from ..trainer import RLConfig, Trainer
 from . import models, task
-from .overrides import parse_overrides
 
 RUN_KEYS = ("model", "device", "task", "prompts", "reward", "reward_weights")
 TASKS = ("addition",)

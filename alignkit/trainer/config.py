@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _checks
+from ..config_overrides import parse_overrides
 from ..ops.loss_config import AGG_MODES, LOSS_TYPES
 
 # Advantage estimators that need a group of samples per prompt (num_generations >= 2).
@@ -160,15 +160,7 @@ class RLConfig:
             raise TypeError(
                 f"a config must be a mapping of field names to values, got {type(values).__name__}"
             )
-        merged = dict(values)
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ValueError(f"overrides must look like key=value, got {item!r}")
-            key, raw = item.split("=", 1)
-            try:
-                merged[key.strip()] = json.loads(raw)
-            except json.JSONDecodeError:
-                merged[key.strip()] = raw
+        merged = {**values, **parse_overrides(overrides)}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:

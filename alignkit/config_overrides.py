@@ -1,4 +1,4 @@
-"""``key=value`` command-line overrides of a dataclass config (the demo's and ``alignkit train``'s)."""
+"""``key=value`` overrides of a dataclass config (RLConfig, the demo's config, ``alignkit train``)."""
 
 from __future__ import annotations
 
