@@ -34,15 +34,21 @@ def _no_grad_inputs(name: str, **tensors: torch.Tensor) -> None:
 _NO_VALUES = object()  # discounted returns take no values
 
 
-def _check_padded(name: str, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rewards = _checks.float_tensor(rewards, "rewards", ndim=2)
+def _check_like_rewards(name: str, rewards: torch.Tensor, values, mask):
+    """values (unless _NO_VALUES) and the 0/1 mask in the shape and device of the checked rewards;
+    target inputs must not require grad."""
     tensors = {"rewards": rewards}
     if values is not _NO_VALUES:
         values = _checks.float_like(values, "values", rewards, "rewards")
         tensors["values"] = values
     mask = _checks.mask(mask, "mask", rewards, "rewards")
     _no_grad_inputs(name, **tensors)
-    return rewards, values, mask
+    return values, mask
+
+
+def _check_padded(name: str, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rewards = _checks.float_tensor(rewards, "rewards", ndim=2)
+    return rewards, *_check_like_rewards(name, rewards, values, mask)
 
 
 def gae(
@@ -104,12 +110,7 @@ def _check_packed(name: str, rewards, values, mask, cu_seqlens):
     rewards = _checks.float_tensor(rewards, "rewards")
     if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[0] != 1):
         raise ValueError(f"rewards must be packed as (N,) or (1, N), got shape {tuple(rewards.shape)}")
-    tensors = {"rewards": rewards}
-    if values is not _NO_VALUES:
-        values = _checks.float_like(values, "values", rewards, "rewards")
-        tensors["values"] = values
-    mask = _checks.mask(mask, "mask", rewards, "rewards")
-    _no_grad_inputs(name, **tensors)
+    values, mask = _check_like_rewards(name, rewards, values, mask)
     cu = _checks.cu_seqlens(cu_seqlens, rewards.numel())
     flat = [t.reshape(1, -1) if isinstance(t, torch.Tensor) else None for t in (rewards, values, mask)]
     return (*flat, rewards.shape, cu)

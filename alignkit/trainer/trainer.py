@@ -301,12 +301,12 @@ class Trainer:
         ids = batch["tokens"]
         attention = batch.attention_mask.long()
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
-        floor = batch["logit_floor"][:, 1:]
-        has_floor = bool(torch.isfinite(floor).any())
+        # The rollouts carry a floor exactly when top-k / top-p truncation is on (no per-batch check).
+        truncated = self.config.top_k > 0 or self.config.top_p < 1.0
         logp, entropy = causal_lm_logprobs(
             self.model, ids, attention_mask=attention, position_ids=positions,
             temperature=self.config.temperature, return_entropy=True,
-            logit_floor=floor if has_floor else None, chunk_size=None,
+            logit_floor=batch["logit_floor"][:, 1:] if truncated else None, chunk_size=None,
         )  # fmt: skip
         mask = batch["loss_mask"][:, 1:].float()
         ref = (
