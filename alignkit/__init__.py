@@ -1,34 +1,34 @@
 """alignkit: fast, memory-lean building blocks for RL fine-tuning of causal language models.
 
-Importing alignkit loads its compiled extension (alignkit._C) and fails with one clear error,
-saying how to rebuild, when that build is missing or stale.
+Importing alignkit does not need its compiled extension (alignkit._C): the ops and Triton kernels
+run without it. The replay buffer (and ``token_budget_minibatches``) load it on first use and raise
+one clear ImportError (``alignkit._ext.ExtensionError``), saying how to rebuild, when that build is
+missing or stale; ``alignkit info`` reports its status.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ext
-
-_ext.load()
-
-from .backend import BACKENDS  # noqa: E402
+from ._checks import VALIDATION_MODES, set_validation, validation_mode
+from .backend import BACKENDS
 
 # Public ops and classes (one import line per module).
-from .ops.advantages import discounted_returns, discounted_returns_packed, gae, gae_packed  # noqa: E402
-from .ops.fused_ppo import fused_linear_ppo_loss  # noqa: E402
-from .ops.group_advantages import group_advantages  # noqa: E402
-from .ops.logprobs import causal_lm_logprobs, fused_linear_logprobs, token_logprobs  # noqa: E402
-from .ops.loss_config import PolicyLossConfig  # noqa: E402
-from .ops.losses import agg_loss, kl_penalty, ppo_policy_loss, value_loss  # noqa: E402
-from .ops.rollout_correction import rollout_correction_weights  # noqa: E402
-from .ops.whiten import masked_mean, masked_var, masked_whiten  # noqa: E402
-from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches  # noqa: E402
-from .rollout import Rollout, RolloutEngine  # noqa: E402
-from .trainer import RLConfig, Trainer  # noqa: E402
+from .ops.advantages import discounted_returns, discounted_returns_packed, gae, gae_packed
+from .ops.fused_ppo import fused_linear_ppo_loss
+from .ops.group_advantages import group_advantages
+from .ops.logprobs import causal_lm_logprobs, fused_linear_logprobs, token_logprobs
+from .ops.loss_config import PolicyLossConfig
+from .ops.losses import agg_loss, kl_penalty, ppo_policy_loss, value_loss
+from .ops.rollout_correction import rollout_correction_weights
+from .ops.whiten import masked_mean, masked_var, masked_whiten
+from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches
+from .rollout import Rollout, RolloutEngine
+from .trainer import RLConfig, Trainer
 
 __all__ = [
     "BACKENDS",
+    "VALIDATION_MODES",
     "Batch",
     "PolicyLossConfig",
     "RLConfig",
@@ -54,7 +54,9 @@ __all__ = [
     "masked_whiten",
     "ppo_policy_loss",
     "rollout_correction_weights",
+    "set_validation",
     "token_budget_minibatches",
     "token_logprobs",
+    "validation_mode",
     "value_loss",
 ]

@@ -1,9 +1,24 @@
 """Input validation and dtype rules shared by the public ops, in one place: every message names the
-argument and what it got. Wrong types raise TypeError, wrong values ValueError."""
+argument and what it got. Wrong types raise TypeError, wrong values ValueError.
+
+Validation mode. Shape, dtype and device checks always run (they read only metadata). Checks of
+tensor *values* (a mask holds only 0 and 1, a mask selects enough elements to whiten, packed
+``cu_seqlens`` offsets are increasing) must read the data on the host: free on CPU, but on CUDA a
+device sync that stalls the CPU on every call and makes the op impossible to capture in a CUDA
+graph. :func:`set_validation` (or the environment variable ``ALIGNKIT_VALIDATION``) picks:
+
+* ``"auto"`` (default): value checks on CPU tensors, none on CUDA tensors (sync-free hot paths);
+* ``"full"``: value checks everywhere (debugging on a GPU: each check is one device sync);
+* ``"shapes"``: no value checks anywhere (shape, dtype and device checks only).
+
+Without value checks, bad values are not reported: a mask holding 2 counts twice, too small a mask
+whitens to NaN, and ``cu_seqlens`` offsets outside [0, N] read out of bounds.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -11,6 +26,47 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# ----------------------------------------------------------------------------- validation mode
+
+VALIDATION_MODES = ("auto", "full", "shapes")
+VALIDATION_ENV_VAR = "ALIGNKIT_VALIDATION"
+
+_validation: str | None = None  # set_validation's choice; None: the environment variable decides
+
+
+def set_validation(mode: str | None) -> str | None:
+    """Choose which tensor values alignkit's ops check (module docstring above): ``"auto"`` (value
+    checks on CPU tensors only, the default), ``"full"`` or ``"shapes"``; ``None`` goes back to
+    ``$ALIGNKIT_VALIDATION``. Process-wide; returns the previous setting (restore it with another
+    call)."""
+    global _validation
+    if mode is not None and (not isinstance(mode, str) or mode not in VALIDATION_MODES):
+        raise ValueError(f"mode must be one of {', '.join(VALIDATION_MODES)} or None, got {mode!r}")
+    previous, _validation = _validation, mode
+    return previous
+
+
+def validation_mode() -> str:
+    """The validation mode in force: :func:`set_validation`'s, else ``$ALIGNKIT_VALIDATION``, else
+    ``"auto"``."""
+    if _validation is not None:
+        return _validation
+    value = os.environ.get(VALIDATION_ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in VALIDATION_MODES:
+        raise ValueError(
+            f"environment variable {VALIDATION_ENV_VAR} must be one of {', '.join(VALIDATION_MODES)}, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def checks_values(t: torch.Tensor) -> bool:
+    """Whether the value checks of the validation mode run for data on ``t``'s device (in ``auto``:
+    on CPU only, where reading a value costs no device sync)."""
+    mode = validation_mode()
+    return mode == "full" or (mode == "auto" and t.device.type == "cpu")
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -56,7 +112,8 @@ def float_like(x: object, name: str, ref: torch.Tensor, ref_name: str) -> torch.
 def mask(m: object, name: str, ref: torch.Tensor, ref_name: str, check_values: bool = True) -> torch.Tensor:
     """A 0/1 mask of ``ref``'s shape and device (bool, integer or float dtype).
 
-    ``check_values`` costs one reduction (and a device sync on CUDA)."""
+    ``check_values`` asks for :func:`zero_one` (one reduction; skipped where the validation mode
+    skips value checks)."""
     m = tensor(m, name)
     same_shape(m, name, ref, ref_name)
     same_device(m, name, ref, ref_name)
@@ -68,8 +125,9 @@ def mask(m: object, name: str, ref: torch.Tensor, ref_name: str, check_values: b
 
 
 def zero_one(m: torch.Tensor, name: str) -> None:
-    """Raise unless every element of ``m`` is 0 or 1 (one reduction; a device sync on CUDA)."""
-    if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
+    """Raise unless every element of ``m`` is 0 or 1: one reduction and a host read, skipped where
+    the validation mode skips value checks (by default on CUDA, where the read is a device sync)."""
+    if m.dtype != torch.bool and checks_values(m) and bool(((m != 0) & (m != 1)).any()):
         raise ValueError(f"{name} must contain only 0 and 1")
 
 
@@ -114,6 +172,21 @@ def cu_seqlens(value: Any, total: int, name: str = "cu_seqlens") -> torch.Tensor
             f"{int(host[at])} then {int(host[at + 1])} at index {at}"
         )
     return host
+
+
+def cu_seqlens_unread(value: Any, device: torch.device, name: str = "cu_seqlens") -> torch.Tensor | None:
+    """``value`` itself, checked for dtype and shape only, when it is a tensor on ``device`` whose
+    values the validation mode does not check (by default: on CUDA); else None, and the caller
+    validates it with :func:`cu_seqlens` (a host read: a device sync for a CUDA tensor). A kernel
+    can then take the offsets where they are, with no device-to-host copy."""
+    if not isinstance(value, torch.Tensor) or value.device != device or checks_values(value):
+        return None
+    value = tensor(value, name)
+    if value.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name} must hold integers, got {value.dtype}")
+    if value.dim() != 1 or value.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 offsets, got shape {tuple(value.shape)}")
+    return value.detach()
 
 
 # ----------------------------------------------------------------------------- dtypes

@@ -1,7 +1,10 @@
 """The one loader of alignkit's compiled extension (``alignkit._C``, built from csrc/).
 
-A missing or stale build raises :class:`ExtensionError` with the command that rebuilds it,
-instead of an ImportError from deep inside a call.
+A missing or stale build raises :class:`ExtensionError` (an ImportError) with the command that
+rebuilds it, instead of an ImportError from deep inside a call. Only what needs the extension loads
+it, on first use (the replay buffer and ``token_budget_minibatches``): ``import alignkit`` and the
+ops and Triton kernels work without it, so a failed build on a new machine still leaves every
+kernel checkable.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ REBUILD_HINT = (
 )
 
 _module: ModuleType | None = None
+_error: ExtensionError | None = None  # the first failure, raised again without a second import
 
 
 class ExtensionError(ImportError):
@@ -25,10 +29,17 @@ class ExtensionError(ImportError):
 
 
 def load() -> ModuleType:
-    """Return ``alignkit._C``, importing and validating it on first use."""
-    global _module
+    """Return ``alignkit._C``, importing and validating it on first use; raise
+    :class:`ExtensionError` (the same one on every later call) when it is missing or stale."""
+    global _module, _error
     if _module is None:
-        _module = _import_and_check()
+        if _error is not None:
+            raise _error
+        try:
+            _module = _import_and_check()
+        except ExtensionError as exc:
+            _error = exc
+            raise
     return _module
 
 
@@ -40,8 +51,9 @@ def _import_and_check() -> ModuleType:
     except ImportError as exc:
         raise ExtensionError(
             f"alignkit's compiled extension (alignkit._C) could not be imported: {exc}. "
+            "The replay buffer and token_budget_minibatches need it (the ops and kernels do not). "
             "This happens when alignkit is imported from a source tree that was never built, or "
-            f"after the build was removed. {REBUILD_HINT}"
+            f"after the build was removed or failed. {REBUILD_HINT}"
         ) from exc
     abi = getattr(module, "ABI_VERSION", None)
     built_version = getattr(module, "__version__", None)

@@ -366,32 +366,43 @@ def gae_packed_fwd(
     lam: float,
     dtype: torch.dtype,
     chunk_size: int | None = None,
+    max_seqlen: int | None = None,
 ):
-    """(1, N) packed rewards/values/mask and validated ``cu_seqlens`` -> (advantages, returns).
+    """(1, N) packed rewards/values/mask and ``cu_seqlens`` -> (advantages, returns).
 
-    The longest sequence is read from a CPU copy of ``cu_seqlens`` (pass it on the CPU to avoid a
-    device sync); the kernels get a device copy."""
+    The grid is sized by ``max_seqlen``, a bound on the longest sequence. None reads the longest
+    from ``cu_seqlens`` (validated, on the CPU: pass it there, a read of CUDA offsets is a device
+    sync). With offsets already on the device and ``max_seqlen=N`` nothing is read back (no sync,
+    capturable in a CUDA graph); programs past a sequence's end return at once."""
     r, v, m = rewards.contiguous(), values.contiguous(), mask_view(mask.contiguous())
-    cu_host = cu_seqlens.to(device="cpu", dtype=torch.int64)
-    rows = cu_host.numel() - 1
-    max_len = int((cu_host[1:] - cu_host[:-1]).max()) if rows > 0 else 0
-    if r.numel() == 0 or max_len == 0:
+    rows = cu_seqlens.numel() - 1
+    if max_seqlen is None:
+        cu_host = cu_seqlens.to(device="cpu", dtype=torch.int64)
+        max_seqlen = int((cu_host[1:] - cu_host[:-1]).max()) if rows > 0 else 0
+        cu_seqlens = cu_host
+    if r.numel() == 0 or max_seqlen == 0:
         zeros = torch.zeros(r.shape, dtype=dtype, device=r.device)
         return zeros, zeros.clone()
-    cu = cu_host.to(r.device).contiguous()
-    return _launch_gae(r, v, m, cu, rows, max_len, 0, gamma, lam, dtype, chunk_size)
+    cu = _on_device(cu_seqlens, r.device)
+    return _launch_gae(r, v, m, cu, rows, max_seqlen, 0, gamma, lam, dtype, chunk_size)
+
+
+def _on_device(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` as the kernels read it: contiguous on ``device`` (copied only if elsewhere)."""
+    return (cu_seqlens if cu_seqlens.device == device else cu_seqlens.to(device)).contiguous()
 
 
 def discounted_returns_fwd(rewards, mask, gamma: float, dtype: torch.dtype, cu_seqlens=None) -> torch.Tensor:
-    """(B, T) rewards/mask -> reward-to-go in ``dtype`` (one program per row); with validated CPU
-    ``cu_seqlens``, (1, N) packed rows, one program per sequence."""
+    """(B, T) rewards/mask -> reward-to-go in ``dtype`` (one program per row); with validated
+    ``cu_seqlens`` (CPU or already on the device: no host read either way), (1, N) packed rows, one
+    program per sequence."""
     r, m = rewards.contiguous(), mask_view(mask.contiguous())
     out = torch.empty(r.shape, dtype=dtype, device=r.device)
     rows, length = r.shape
     packed = cu_seqlens is not None
     if packed:
         rows = cu_seqlens.numel() - 1
-        cu = cu_seqlens.to(r.device).contiguous()
+        cu = _on_device(cu_seqlens, r.device)
     if rows and length:
         with device_guard(r):
             _discounted_returns_kernel[(rows,)](

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_guard, interpreter_active
+from . import device_guard, interpreter_active, pinned_configs
 
 # Row kernels loop over the vocabulary in tiles of at most this many columns.
 MAX_BLOCK_V_ROW = 4096
@@ -343,7 +343,10 @@ def _autotuned(kernel, dtype: torch.dtype, n: int):  # pragma: no cover - needs 
     key = (kernel.__name__, dtype, _n_bucket(n))
     tuner = _AUTOTUNED.get(key)
     if tuner is None:
-        tuner = triton.autotune(configs=_matmul_configs(dtype), key=["V", "H", "HAS_BIAS"])(kernel)
+        # ALIGNKIT_PIN_CONFIG=1 keeps the first config (a first GPU run: no autotuning sweep).
+        tuner = triton.autotune(configs=pinned_configs(_matmul_configs(dtype)), key=["V", "H", "HAS_BIAS"])(
+            kernel
+        )
         _AUTOTUNED[key] = tuner
     return tuner
 

@@ -106,14 +106,27 @@ def gae(
 
 
 def _check_packed(name: str, rewards, values, mask, cu_seqlens):
-    """Packed inputs as (1, N) views, their original shape, and cu_seqlens as CPU int64."""
+    """Packed inputs as (1, N) views, their original shape, cu_seqlens and ``checked``.
+
+    ``checked``: cu_seqlens is the validated CPU int64 copy. Otherwise (a tensor on the inputs'
+    device when the validation mode skips value checks: by default on CUDA) it is the caller's
+    tensor, unread, so that the Triton path needs no device-to-host copy."""
     rewards = _checks.float_tensor(rewards, "rewards")
     if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[0] != 1):
         raise ValueError(f"rewards must be packed as (N,) or (1, N), got shape {tuple(rewards.shape)}")
     values, mask = _check_like_rewards(name, rewards, values, mask)
-    cu = _checks.cu_seqlens(cu_seqlens, rewards.numel())
+    cu = _checks.cu_seqlens_unread(cu_seqlens, rewards.device)
+    checked = cu is None
+    if checked:
+        cu = _checks.cu_seqlens(cu_seqlens, rewards.numel())
     flat = [t.reshape(1, -1) if isinstance(t, torch.Tensor) else None for t in (rewards, values, mask)]
-    return (*flat, rewards.shape, cu)
+    return (*flat, rewards.shape, cu, checked)
+
+
+def _host_offsets(cu: torch.Tensor, checked: bool, total: int):
+    """Offsets for the CPU implementation, which reads them on the host: unchecked ones are
+    validated here (they could index out of bounds), as a NumPy int64 array."""
+    return (cu if checked else _checks.cu_seqlens(cu, total)).numpy()
 
 
 def gae_packed(
@@ -132,21 +145,32 @@ def gae_packed(
     (tensor, array or list), ``cu_seqlens[0] = 0``, ``cu_seqlens[-1] = N``, strictly increasing.
     The recurrence of :func:`gae` restarts at every boundary. Returns ``(advantages, returns)`` in
     the input's shape. (Whiten separately with :func:`alignkit.masked_whiten`.)
+
+    On CUDA, pass ``cu_seqlens`` as a CUDA tensor for a call with no device sync (CUDA-graph
+    capturable): its values are then not checked (``alignkit.set_validation("full")`` checks them,
+    at one sync) and the grid is sized for the longest possible sequence, N. Given on the CPU (or
+    as a list), it is validated there and copied to the device.
     """
-    rewards2, values2, mask2, shape, cu = _check_packed("gae_packed", rewards, values, mask, cu_seqlens)
+    rewards2, values2, mask2, shape, cu, checked = _check_packed(
+        "gae_packed", rewards, values, mask, cu_seqlens
+    )
     gamma = _checks.unit_interval(gamma, "gamma")
     lam = _checks.unit_interval(lam, "lam")
     dtype = _checks.accumulation_dtype(rewards2, values2)
     if _backend.resolve(backend, rewards2.device) == "triton":
         from ..kernels import gae as _kernels
 
-        adv, ret = _kernels.gae_packed_fwd(rewards2, values2, mask2, cu, gamma, lam, dtype)
+        # Unread offsets: size the grid for the longest sequence N can hold (no host read).
+        max_seqlen = None if checked else rewards2.numel()
+        adv, ret = _kernels.gae_packed_fwd(
+            rewards2, values2, mask2, cu, gamma, lam, dtype, max_seqlen=max_seqlen
+        )
     else:
         adv_np, ret_np = _cpu.gae_packed(
             to_numpy(rewards2, dtype),
             to_numpy(values2, dtype),
             to_numpy(mask2, dtype),
-            cu.numpy(),
+            _host_offsets(cu, checked, rewards2.numel()),
             gamma,
             lam,
         )
@@ -188,7 +212,7 @@ def discounted_returns_packed(
 
     rewards, mask: (N,) or (1, N); cu_seqlens as in :func:`gae_packed`. Returns the input's shape.
     """
-    rewards2, _, mask2, shape, cu = _check_packed(
+    rewards2, _, mask2, shape, cu, checked = _check_packed(
         "discounted_returns_packed", rewards, _NO_VALUES, mask, cu_seqlens
     )
     gamma = _checks.unit_interval(gamma, "gamma")
@@ -199,7 +223,10 @@ def discounted_returns_packed(
         out = _kernels.discounted_returns_fwd(rewards2, mask2, gamma, dtype, cu_seqlens=cu)
     else:
         out_np = _cpu.discounted_returns_packed(
-            to_numpy(rewards2, dtype), to_numpy(mask2, dtype), cu.numpy(), gamma
+            to_numpy(rewards2, dtype),
+            to_numpy(mask2, dtype),
+            _host_offsets(cu, checked, rewards2.numel()),
+            gamma,
         )
         out = torch.from_numpy(out_np).to(rewards2.device)
     return out.reshape(shape)

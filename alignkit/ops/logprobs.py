@@ -162,10 +162,11 @@ def validate_lm_head(
 
 
 def validate_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, check: bool | None) -> None:
-    """Labels outside [0, V) that are not ignore_index: ValueError when checked (default on
-    CPU tensors; opt-in on CUDA, where the check costs a device sync). Unchecked, they give NaN."""
+    """Labels outside [0, V) that are not ignore_index: ValueError when checked (default: as the
+    validation mode says, alignkit.set_validation: on CPU tensors; opt-in on CUDA, where the check
+    costs a device sync). Unchecked, they give NaN."""
     if check is None:
-        check = labels.device.type == "cpu"
+        check = _checks.checks_values(labels)
     if _checks.flag(check, "check_labels"):
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):

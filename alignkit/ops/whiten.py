@@ -3,7 +3,9 @@ differentiable, on any device, reductions in the accumulation dtype (fp32; fp64 
 
 Masked positions are selected away with ``where``, never multiplied by the mask, so NaN/inf in
 padding cannot reach the result. A mask that selects too few elements is a ValueError (one host
-read of the count), never a silent NaN.
+read of the count), never a silent NaN, where the validation mode checks values (by default on CPU
+tensors; on CUDA the read would be a device sync, so there it gives NaN unless
+``alignkit.set_validation("full")``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def _selected(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _require(count: torch.Tensor, need: int, what: str) -> None:
+    if not _checks.checks_values(count):  # CUDA by default: the read below would be a device sync
+        return
     low = count < need
-    if bool(low.any()):  # one host sync: a silent NaN here would poison a whole training step
+    if bool(low.any()):  # one host read: a silent NaN here would poison a whole training step
         got = int(count.min())
         where = "" if count.dim() == 0 else f" in every slice along dim ({int(low.sum())} slices have {got})"
         raise ValueError(
