@@ -14,9 +14,10 @@ the torch twin). Per row, ``z = x / T`` in fp32:
 Thresholds are found by bisection on the float's order-preserving integer key (``_sort_key``): each
 of at most 33 rounds counts (top-k) or sums the mass of (top-p) the entries above a candidate key in
 one pass over the row, so the kernel needs no sort and no (B, V) scratch: a program per row, loops
-over vocabulary tiles of BLOCK_V. Random numbers: Philox (``tl.rand``) keyed by ``seed`` and the
-element's flat index, so a seeded launch repeats exactly. Greedy (GREEDY): ``argmax x`` (first
-index), log-prob at temperature 1, no floor.
+over vocabulary tiles of BLOCK_V. Random numbers: Philox (``tl.rand``) keyed by the row's own key
+``key[b]`` (int64, alignkit/rollout/random_streams.py) at counter ``step * V + j``, so a row's draw
+depends on its key, the step and its logits only (not on the batch it is in) and a launch repeats
+exactly. Greedy (GREEDY): ``argmax x`` (first index), log-prob at temperature 1, no floor.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def _load_z(row_ptr, start, V, inv_temp, BLOCK_V: tl.constexpr):
     return offs_v, valid, z
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step"])  # one compiled kernel for every step (no 1 / %16 variants)
 def _sample_fwd_kernel(
-    x_ptr, token_ptr, logp_ptr, floor_ptr,
-    V, stride_xn, inv_temp, top_k, top_p, seed,
+    x_ptr, key_ptr, token_ptr, logp_ptr, floor_ptr,
+    V, stride_xn, inv_temp, top_k, top_p, step,
     GREEDY: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
@@ -135,6 +136,8 @@ def _sample_fwd_kernel(
             floor = tl.where(mid_value > largest_dropped, mid_value, smallest_kept)
             floor = tl.where(largest_dropped == -float("inf"), -float("inf"), floor)
         # Last pass: the normaliser over {z >= floor} and the Gumbel-max draw from it.
+        key = tl.load(key_ptr + pid)  # int64, the row's stream
+        counter0 = step.to(tl.int64) * V  # this step's counters: [step * V, (step + 1) * V)
         s_kept = tl.zeros((), tl.float32)
         best_score = tl.full((), -float("inf"), tl.float32)
         best_z = tl.zeros((), tl.float32)
@@ -143,7 +146,7 @@ def _sample_fwd_kernel(
             offs_v, valid, z = _load_z(row_ptr, start, V, inv_temp, BLOCK_V)
             kept = valid & (z >= floor)
             s_kept += tl.sum(tl.where(kept, tl.exp(z - m), 0.0), axis=0)
-            u = tl.rand(seed, pid * V + offs_v)
+            u = tl.rand(key, counter0 + offs_v)
             u = tl.minimum(tl.maximum(u, 1.0e-30), U_MAX)
             score = tl.where(kept, z - tl.log(-tl.log(u)), -float("inf"))
             tile_best = tl.max(score, axis=0)
@@ -164,21 +167,30 @@ def _row_block(vocab: int) -> int:
 
 def sample_fwd(
     logits: torch.Tensor,
+    keys: torch.Tensor,
     *,
     temperature: float,
     top_k: int,
     top_p: float,
-    seed: int,
+    step: int,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, V) with unit column stride (fp16 / bf16 / fp32) -> token (B,) int64, logp (B,)
-    fp32, floor (B,) fp32 (-inf where nothing is dropped, and for greedy). ``temperature == 0`` is
-    greedy; ``top_k`` 0 / >= V and ``top_p`` 1 are off; ``seed`` an int in [0, 2**31)."""
+    """logits (B, V) with unit column stride (fp16 / bf16 / fp32), keys (B,) int64 (the rows' stream
+    keys, >= 0) -> token (B,) int64, logp (B,) fp32, floor (B,) fp32 (-inf where nothing is dropped,
+    and for greedy). ``temperature == 0`` is greedy; ``top_k`` 0 / >= V and ``top_p`` 1 are off;
+    ``step`` an int in [0, 2**31)."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(
             f"logits must be (B, V) with unit column stride, got {tuple(logits.shape)} {logits.stride()}"
         )
     rows, vocab = logits.shape
+    if keys.shape != (rows,) or keys.dtype != torch.int64 or keys.device != logits.device:
+        raise ValueError(
+            f"keys must be int64 of shape ({rows},) on {logits.device}, got {keys.dtype} "
+            f"{tuple(keys.shape)} on {keys.device}"
+        )
+    if not 0 <= step < 2**31:
+        raise ValueError(f"step must be in [0, 2**31), got {step}")
     greedy = temperature == 0.0
     token = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -187,8 +199,8 @@ def sample_fwd(
         return token, logp, floor
     with device_guard(logits):
         _sample_fwd_kernel[(rows,)](
-            logits, token, logp, floor, vocab, logits.stride(0), 1.0 if greedy else 1.0 / temperature,
-            max(int(top_k), 1), float(top_p), int(seed),
+            logits, keys.contiguous(), token, logp, floor, vocab, logits.stride(0),
+            1.0 if greedy else 1.0 / temperature, max(int(top_k), 1), float(top_p), int(step),
             GREEDY=greedy, HAS_TOP_K=not greedy and 0 < top_k < vocab, HAS_TOP_P=not greedy and top_p < 1.0,
             BLOCK_V=block_v or _row_block(vocab),
         )  # fmt: skip

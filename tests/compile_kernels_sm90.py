@@ -305,15 +305,18 @@ def ppo_loss_variants() -> Iterator[Variant]:
         out = "fp64" if dt == F64 else "fp32"
         t, nt, block = shapes[shape]
         label = f"{shape},x={x},other={other},m={m},DTYPE={out},BLOCK_T={block}"
-        yield Variant(
-            ppo_loss._seq_logratio_kernel,
-            label,
-            {
-                "logp_ptr": _ptr(x), "old_ptr": _ptr(other), "mask_ptr": _ptr(m), "partial_ptr": _ptr(out),
-                "T": t, "NT": nt, "DTYPE": Const(dt), "BLOCK_T": Const(block),
-            },
-            aligned=("T",),
-        )  # fmt: skip
+        # PACKED (cu_seqlens): int64 offsets, T the longest sequence; an unused cu_ptr gets a dummy.
+        for packed in (False, True):
+            yield Variant(
+                ppo_loss._seq_logratio_kernel,
+                label + ",PACKED=True" * packed,
+                {
+                    "logp_ptr": _ptr(x), "old_ptr": _ptr(other), "mask_ptr": _ptr(m),
+                    "partial_ptr": _ptr(out), "cu_ptr": "*i64" if packed else _ptr(out), "T": t, "NT": nt,
+                    "PACKED": Const(packed), "DTYPE": Const(dt), "BLOCK_T": Const(block),
+                },
+                aligned=("T",),
+            )  # fmt: skip
         for write_grad in (True, False):
             yield Variant(
                 ppo_loss._value_fwd_kernel,
@@ -326,14 +329,15 @@ def ppo_loss_variants() -> Iterator[Variant]:
                 aligned=("T",),
             )  # fmt: skip
         # scale_rows_bwd: grad in DTYPE; d x in the logp/values dtype; d entropy in the entropy's.
-        for has_ent in (True, False):
+        for has_ent, packed in ((True, False), (False, False), (True, True)):
             yield Variant(
                 ppo_loss._scale_rows_bwd_kernel,
-                f"{label},HAS_ENT={has_ent}",
+                f"{label},HAS_ENT={has_ent}" + ",PACKED=True" * packed,
                 {
                     "grad_ptr": _ptr(out), "mask_ptr": _ptr(m) if has_ent else _ptr(out),
                     "row_weight_ptr": _ptr(out), "dx_ptr": _ptr(x), "dent_ptr": _ptr(other if has_ent else x),
-                    "T": t, **_scalars("ent_coef"), "HAS_ENT": Const(has_ent), "DTYPE": Const(dt),
+                    "cu_ptr": "*i64" if packed else _ptr(out), "T": t, **_scalars("ent_coef"),
+                    "HAS_ENT": Const(has_ent), "PACKED": Const(packed), "DTYPE": Const(dt),
                     "BLOCK_T": Const(block),
                 },
                 aligned=("T",),
@@ -353,8 +357,11 @@ def ppo_loss_variants() -> Iterator[Variant]:
             })  # fmt: skip
         if shape != "long":  # the full flag sweep once (fp32 and fp64 above); ppo_clip and cispo here
             flag_sets = flag_sets[-2:]
-        for flags in flag_sets:
+        # Packed (cu_seqlens) launches: the training flag sets (WRITE_GRAD) once more with PACKED.
+        runs = [(f, False) for f in flag_sets] + [(f, True) for f in flag_sets if f["WRITE_GRAD"]]
+        for flags, packed in runs:
             on = "+".join(k for k, v in flags.items() if v is True) or "no-flags"
+            on += ",PACKED=True" * packed
             yield Variant(
                 ppo_loss._ppo_policy_fwd_kernel,
                 f"{label},{on},LOSS_TYPE={flags['LOSS_TYPE']},KL_EST={flags['KL_EST']}",
@@ -363,9 +370,11 @@ def ppo_loss_variants() -> Iterator[Variant]:
                     "isw_ptr": _ptr(other if flags["HAS_IS"] else x),
                     "ref_ptr": _ptr(other if flags["HAS_REF"] else x),
                     "ent_ptr": _ptr(other if flags["HAS_ENT"] else x),
-                    "seq_lr_ptr": _ptr(out), "partial_ptr": _ptr(out), "grad_ptr": _ptr(out), "T": t,
-                    "NT": nt, **_scalars("lo", "hi", "dual", "kl"),
-                    **{k: Const(v) for k, v in flags.items()}, "DTYPE": Const(dt), "BLOCK_T": Const(block),
+                    "seq_lr_ptr": _ptr(out), "partial_ptr": _ptr(out), "grad_ptr": _ptr(out),
+                    "cu_ptr": "*i64" if packed else _ptr(out), "T": t, "NT": nt,
+                    **_scalars("lo", "hi", "dual", "kl"),
+                    **{k: Const(v) for k, v in flags.items()}, "PACKED": Const(packed), "DTYPE": Const(dt),
+                    "BLOCK_T": Const(block),
                 },
                 aligned=("T",),
             )  # fmt: skip
@@ -376,8 +385,9 @@ def ppo_loss_variants() -> Iterator[Variant]:
 
 def sampling_variants() -> Iterator[Variant]:
     # sample_fwd: one program per row; logits fp32 / bf16 / fp16 with unit column stride, token int64,
-    # logp and floor fp32; BLOCK_V = min(next_pow2(V), 4096); top_k is passed as max(top_k, 1) (1 is
-    # specialised), seed an int < 2**31. Flags: GREEDY, or temperature-only / top-k / top-p / both.
+    # logp and floor fp32, key int64 (one per row); BLOCK_V = min(next_pow2(V), 4096); top_k is passed
+    # as max(top_k, 1) (1 is specialised); step an int < 2**31, never specialised (do_not_specialize).
+    # Flags: GREEDY, or temperature-only / top-k / top-p / both.
     flag_sets = [
         ("greedy", True, False, False),
         ("temperature", False, False, False),
@@ -393,20 +403,21 @@ def sampling_variants() -> Iterator[Variant]:
                 sampling._sample_fwd_kernel,
                 f"x={x},{label},BLOCK_V={block_v}",
                 {
-                    "x_ptr": _ptr(x), "token_ptr": "*i64", "logp_ptr": "*fp32", "floor_ptr": "*fp32",
-                    "V": "i32", "stride_xn": "i32", "inv_temp": "fp32", "top_k": "i32", "top_p": "fp32",
-                    "seed": "i32", "GREEDY": Const(greedy), "HAS_TOP_K": Const(has_k),
+                    "x_ptr": _ptr(x), "key_ptr": "*i64", "token_ptr": "*i64", "logp_ptr": "*fp32",
+                    "floor_ptr": "*fp32", "V": "i32", "stride_xn": "i32", "inv_temp": "fp32", "top_k": "i32",
+                    "top_p": "fp32", "step": "i32", "GREEDY": Const(greedy), "HAS_TOP_K": Const(has_k),
                     "HAS_TOP_P": Const(has_p), "BLOCK_V": Const(block_v),
                 },
                 aligned=("V", "stride_xn") if aligned else (),
             )  # fmt: skip
-    # top_k = 1 and seed = 1 arrive as the constant 1 (runtime specialisation).
+    # top_k = 1 arrives as the constant 1 (runtime specialisation).
     yield Variant(
         sampling._sample_fwd_kernel,
-        "x=bf16,top_k=1,seed=1,top_k+top_p,BLOCK_V=4096",
+        "x=bf16,top_k=1,top_k+top_p,BLOCK_V=4096",
         {
-            "x_ptr": "*bf16", "token_ptr": "*i64", "logp_ptr": "*fp32", "floor_ptr": "*fp32", "V": "i32",
-            "stride_xn": "i32", "inv_temp": "fp32", "top_k": Const(1), "top_p": "fp32", "seed": Const(1),
+            "x_ptr": "*bf16", "key_ptr": "*i64", "token_ptr": "*i64", "logp_ptr": "*fp32",
+            "floor_ptr": "*fp32", "V": "i32", "stride_xn": "i32", "inv_temp": "fp32", "top_k": Const(1),
+            "top_p": "fp32", "step": "i32",
             "GREEDY": Const(False), "HAS_TOP_K": Const(True), "HAS_TOP_P": Const(True),
             "BLOCK_V": Const(4096),
         },

@@ -318,3 +318,32 @@ def assert_close(actual, expected, rtol=1e-6, scale=None, name=""):
     err = (actual - expected).abs()
     bound = rtol * expected.abs() + atol
     assert (err <= bound).all(), f"{name}: max err {float(err.max()):.3e}, bound {float(bound.max()):.3e}"
+
+
+# ----------------------------------------------------------------------------- rollout sampling
+
+
+def ref_rollout_logprobs(z, tokens, floor=None):
+    """float64 log-probs of ``tokens`` (...) under the rollout's processed distribution
+    (docs/formulas.md "Truncated sampling and the logit floor"): ``log_softmax`` of the scaled logits
+    ``z`` (..., V) over ``{z_j >= floor}`` (the whole vocabulary when ``floor`` (...) is None)."""
+    z = z.double()
+    if floor is not None:
+        z = z.masked_fill(z < floor.double()[..., None], float("-inf"))
+    return torch.log_softmax(z, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def ref_logprobs_truncated(logits, labels, logit_floor, temperature=1.0, ignore_index=IGNORE):
+    """(logp, entropy) in float64 under softmax(z) restricted to {z >= floor} (docs/formulas.md,
+    "Truncated sampling and the logit floor"): entries below the floor leave the normaliser and the
+    entropy, which is that of the renormalised distribution; a floor of -inf keeps everything. The
+    floor of an ``ignore_index`` position is never read (it gives 0)."""
+    z = logits.double() / temperature
+    keep = labels != ignore_index
+    floor = torch.where(keep, logit_floor.double(), -torch.inf)
+    kept = z >= floor[..., None]
+    log_p = torch.log_softmax(torch.where(kept, z, -torch.inf), dim=-1)
+    logp = log_p.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    ent = -(log_p.exp() * torch.where(kept, log_p, 0.0)).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(keep, logp, zero), torch.where(keep, ent, zero)

@@ -3,7 +3,8 @@ configs, with a WordLevel tokenizer trained by the ``tokenizers`` library; every
 reloaded with ``from_pretrained`` (no hub).
 
 The parity oracle recomputes each response's log-probs in float64 from the model's full-sequence
-logits: ``z = logits / t``, entries below the rollout's floor set to -inf, ``log_softmax``.
+logits: ``z = logits / t``, entries below the rollout's floor set to -inf, ``log_softmax``
+(``oracles.ref_rollout_logprobs``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import inspect
 import pytest
 import torch
 import transformers
+from oracles import ref_rollout_logprobs
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import alignkit
 from alignkit.rollout import Rollout, RolloutEngine, SamplingParams
+from alignkit.rollout.random_streams import prompt_seeds
 
 _CORPUS = """the a cat dog sat on mat ran fast slow big small red blue green and or but is was very
 here there up down left right one two three four five six seven eight nine ten yes no stop end hello
@@ -129,9 +132,7 @@ def _reference_logprobs(model, out: Rollout, temperature: float) -> torch.Tensor
         ).logits.double()
     width, steps = out.prompt_ids.shape[1], out.response_ids.shape[1]
     z = logits[:, width - 1 : width + steps - 1] / (temperature or 1.0)  # (N, T, V)
-    if out.logit_floor is not None:
-        z = z.masked_fill(z < out.logit_floor.double()[..., None], float("-inf"))
-    return torch.log_softmax(z, -1).gather(-1, out.response_ids[..., None]).squeeze(-1)
+    return ref_rollout_logprobs(z, out.response_ids, out.logit_floor)
 
 
 SETTINGS = {  # name: (temperature, top_k, top_p)
@@ -213,11 +214,71 @@ def test_seeded_runs_repeat_and_seeds_differ(llama):
         runs[0].logit_floor, runs[1].logit_floor
     )
     assert not torch.equal(runs[0].response_ids, runs[2].response_ids)
+    # an int seed is the per-prompt seeds derived from (seed, prompt index)
+    derived = engine.generate(_prompts(3), n=2, max_new_tokens=8, top_p=0.9, seed=prompt_seeds(5, 3))
+    assert torch.equal(derived.response_ids, runs[0].response_ids)
+    assert torch.equal(derived.logprobs, runs[0].logprobs)
     torch.manual_seed(0)
     a = engine.generate(_prompts(3), max_new_tokens=8)
     torch.manual_seed(0)  # seed=None draws from torch's global generator
     b = engine.generate(_prompts(3), max_new_tokens=8)
     assert torch.equal(a.response_ids, b.response_ids)
+
+
+def _rows(out: Rollout) -> list[tuple]:
+    """Each row unpadded: (prompt ids, tokens, log-probs, floors, finish reason)."""
+    rows = []
+    for i in range(len(out)):
+        length = int(out.response_mask[i].sum())
+        floor = None if out.logit_floor is None else out.logit_floor[i, :length].tolist()
+        prompt = out.prompt_ids[i][out.prompt_mask[i].bool()].tolist()
+        rows.append((prompt, out.response_ids[i, :length].tolist(), out.logprobs[i, :length].tolist(), floor,
+                     out.finish_reason[i]))  # fmt: skip
+    return rows
+
+
+def _assert_same_rows(split: list[tuple], whole: list[tuple]) -> None:
+    assert len(split) == len(whole)
+    for a, b in zip(split, whole, strict=True):
+        assert a[0] == b[0] and a[1] == b[1] and a[4] == b[4]  # prompt, tokens, finish reason: exact
+        # log-probs and floors: the model's logits of a row shift by rounding with the batch it runs in
+        # (matmul blocking, padding width), never the sampler's draw.
+        torch.testing.assert_close(torch.tensor(a[2]), torch.tensor(b[2]), rtol=0, atol=1e-5)
+        if a[3] is not None:
+            torch.testing.assert_close(torch.tensor(a[3]), torch.tensor(b[3]), rtol=0, atol=1e-5)
+
+
+def test_per_prompt_seeds_make_rows_batch_invariant(llama):
+    # Row j of a prompt samples from (prompt seed, j, step) only: splitting the call (other batch
+    # size, other padding width, other rows retiring) gives the same rows.
+    prompts, seeds = _prompts(4), [11, 0, 2**40 + 3, 7]
+    first = RolloutEngine(llama).generate(prompts, n=4, max_new_tokens=12, seed=seeds)
+    with _eos(llama, _common_token(first)):  # rows finish at different steps and leave the batch
+        engine = RolloutEngine(llama)
+        settings = {"n": 4, "max_new_tokens": 12, "temperature": 1.1, "top_p": 0.9}
+        whole = engine.generate(prompts, seed=seeds, **settings)
+        halves = [engine.generate(prompts[:2], seed=seeds[:2], **settings),
+                  engine.generate(prompts[2:], seed=seeds[2:], **settings)]  # fmt: skip
+        reversed_ = engine.generate(prompts[::-1], seed=seeds[::-1], **settings)
+    assert len(set(whole.finish_reason)) > 1
+    rows = _rows(whole)
+    _assert_same_rows(_rows(halves[0]) + _rows(halves[1]), rows)
+    back = _rows(reversed_)
+    _assert_same_rows([r for g in reversed(range(4)) for r in back[4 * g : 4 * g + 4]], rows)
+    assert len({tuple(r[1]) for r in rows[:4]}) > 1  # the n samples of a prompt still differ
+
+
+def test_per_prompt_seeds_triton_backend(llama):
+    # The kernel keys Philox per row too (interpreted on CPU: kept tiny; floors: test_rollout_sampling).
+    pytest.importorskip("triton")
+    engine = RolloutEngine(llama, backend="triton")
+    prompts, settings = _prompts(2), {"n": 2, "max_new_tokens": 3, "temperature": 0.9}  # no bisection
+    whole = engine.generate(prompts, seed=[5, 9], **settings)
+    split = [
+        engine.generate(prompts[:1], seed=[5], **settings),
+        engine.generate(prompts[1:], seed=[9], **settings),
+    ]
+    _assert_same_rows(_rows(split[0]) + _rows(split[1]), _rows(whole))
 
 
 def test_top_k_one_is_greedy(model):
@@ -386,6 +447,13 @@ BAD = [
     ({"stop": ["end"]}, TypeError, "stop.*tokenizer"),
     ({"stop": [1.5]}, TypeError, "stop"),
     ({"seed": "x"}, TypeError, "seed"),
+    ({"seed": 2.0}, TypeError, "seed"),
+    ({"seed": [1, 2]}, ValueError, r"seed must have one entry per prompt \(1\), got 2"),
+    ({"seed": []}, ValueError, "seed must not be an empty"),
+    ({"seed": [-1]}, ValueError, r"seed\[0\] must be >= 0"),
+    ({"seed": [1.5]}, TypeError, r"seed\[0\] must be an int"),
+    ({"seed": [True]}, TypeError, r"seed\[0\] must be an int"),
+    ({"seed": {3}}, TypeError, "seed must be None, an int or a sequence"),
 ]
 
 

@@ -12,11 +12,14 @@ runner would sit here). The built-in :class:`TransformersRunner` is a gpt-fast s
         logits = decode_one_token(model, token, positions, cache)
 
 Everything is sized once per call: the KV cache (prompt width + response budget), the output
-buffers, the key mask.
+buffers, the key mask. Each row carries its own random-stream key (from its prompt's seed and its
+sample index, alignkit/rollout/random_streams.py) through the compaction, so a row samples the same
+tokens whichever other rows share the call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -26,6 +29,7 @@ from .. import backend as _backend
 from .cache import PreallocatedCache
 from .forward import ModelSpec, decode_one_token, prefill
 from .prompts import StopStrings, encode_prompts, left_pad, special_tokens
+from .random_streams import prompt_seeds, row_keys
 from .sampling import sample
 from .types import FINISH_REASONS, Rollout, SamplingParams, split_stop
 
@@ -47,15 +51,18 @@ class RolloutRunner(Protocol):
 class _Rows:
     """Per-row state of the active batch, on the device (row b of every tensor is one sequence)."""
 
-    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, budget: torch.Tensor) -> None:
+    def __init__(
+        self, rows: torch.Tensor, positions: torch.Tensor, budget: torch.Tensor, keys: torch.Tensor
+    ) -> None:
         self.rows = rows  # (b,) index of the sequence in the output
         self.positions = positions  # (b,) position id of the next fed token
         self.budget = budget  # (b,) tokens this row may sample (context-capped max_new_tokens)
+        self.keys = keys  # (b,) int64 random-stream key of the row
         self.alive = torch.ones_like(rows, dtype=torch.bool)  # (b,) still sampling
 
     def select(self, order: torch.Tensor) -> None:
-        self.rows, self.positions, self.budget, self.alive = (
-            t.index_select(0, order) for t in (self.rows, self.positions, self.budget, self.alive)
+        self.rows, self.positions, self.budget, self.keys, self.alive = (
+            t.index_select(0, order) for t in (self.rows, self.positions, self.budget, self.keys, self.alive)
         )
 
 
@@ -85,11 +92,6 @@ class TransformersRunner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _generator(self, params: SamplingParams, kind: str) -> torch.Generator:
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        device = self.device if kind == "cpu" else torch.device("cpu")  # triton: seeds drawn on the host
-        return torch.Generator(device=device).manual_seed(seed)
-
     @torch.no_grad()
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, *, progress: bool = False
@@ -97,7 +99,7 @@ class TransformersRunner:
         device, n = self.device, params.n
         kind = _backend.resolve(self.backend, device)
         stop_strings = StopStrings(params.stop_strings, self.tokenizer)
-        generator = self._generator(params, kind)
+        keys = row_keys(prompt_seeds(params.seed, len(prompt_ids)), n, device)  # (N,), prompt-major
         eos_ids, pad_id = special_tokens(self.model, self.tokenizer)  # read per call: the model is live
         ids, prompt_mask = left_pad(prompt_ids, pad_id, device)  # (U, P)
         context = self.spec.context
@@ -124,6 +126,7 @@ class TransformersRunner:
             rows=torch.arange(rows_total, device=device),
             positions=prompt_mask.sum(-1).repeat_interleave(n),
             budget=torch.tensor(budgets, device=device),
+            keys=keys,
         )
         bar = _progress_bar(progress, steps)
         try:
@@ -132,7 +135,7 @@ class TransformersRunner:
                     logits.index_fill_(1, suppress, float("-inf"))
                 result = sample(
                     logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                    generator=generator, backend=kind,
+                    keys=state.keys, step=step, backend=kind,
                 )  # fmt: skip
                 finished, reason = _finished_no_sync(result.token, step, state, eos, stop_ids)
                 if stop_strings and step + 1 >= params.min_new_tokens:
@@ -294,7 +297,7 @@ class RolloutEngine:
         top_k: int = 0,
         top_p: float = 1.0,
         stop=None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
     ) -> Rollout:
         """Sample ``n`` responses per prompt.
@@ -308,7 +311,12 @@ class RolloutEngine:
             top_k, top_p: truncation, top-k then top-p as HF orders them (0 / 1: off).
             stop: a stop string, a stop token id, or a list of them; each row stops on its own (the
                 token that completes the stop is kept, with finish reason "stop").
-            seed: seeded runs repeat exactly (on the same device and backend).
+            seed: an int, one int >= 0 per prompt, or None (drawn from torch's global generator).
+                Row j of prompt i samples from a stream keyed by (prompt i's seed, j, step) only, so
+                with per-prompt seeds a prompt's samples do not depend on the other prompts of the
+                call (or the batch size): splitting a call into several with the same per-prompt
+                seeds gives the same rows. An int derives the per-prompt seeds from (seed, prompt
+                index). Seeded runs repeat exactly (on the same device and backend).
             progress: show a tqdm bar over the decode steps.
 
         Returns:
@@ -328,6 +336,10 @@ class RolloutEngine:
         prompt_ids = encode_prompts(
             prompts, self.tokenizer, vocab_size=self.spec.vocab_size, context=self.spec.context
         )
+        if isinstance(params.seed, tuple) and len(params.seed) != len(prompt_ids):
+            raise ValueError(
+                f"seed must have one entry per prompt ({len(prompt_ids)}), got {len(params.seed)}"
+            )
         rollout = self.runner.generate(prompt_ids, params, progress=progress)
         if rollout.texts is None and self.tokenizer is not None:
             rollout.texts = [

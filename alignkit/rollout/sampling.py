@@ -15,11 +15,16 @@ rounds onto the largest dropped value (the two are adjacent floats) the floor is
 value itself. Greedy (``temperature == 0``): ``token = argmax(logits)``, the log-prob at temperature
 1 over the whole vocabulary, no floor.
 
-Backends: on CUDA one Triton kernel does all of it (kernels/sampling.py, a row per program, random
-numbers from Philox seeded per step from the call's generator); on CPU the torch code below, which
-samples by inverse CDF (one uniform per row: cheaper than the vocabulary-sized exponential draw
-``torch.multinomial`` makes). The two backends draw different random streams: a seed repeats
-exactly on the same backend and device.
+Randomness is per row (alignkit/rollout/random_streams.py): each row brings an int64 key (from its
+prompt's seed and its sample index) and the step is the counter, so a row's draw never depends on
+the other rows of the batch, its size or which rows have finished.
+
+Backends: on CUDA one Triton kernel does all of it (kernels/sampling.py, a row per program,
+Gumbel-max with Philox keyed by the row's key, counter ``step * V + vocabulary index``); on CPU the
+torch code below, which samples by inverse CDF with one uniform per row and step
+(``random_streams.step_uniforms_no_sync``: a counter-based hash, cheaper than the vocabulary-sized
+exponential draw ``torch.multinomial`` makes). The two backends draw different random streams: keys
+repeat exactly on the same backend and device.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backend as _backend
+from .random_streams import step_uniforms_no_sync
 
 _backend.register_op("rollout.sample")
 
@@ -74,7 +80,7 @@ def truncation_floor(z: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tens
 
 
 def _sample_cpu(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, keys: torch.Tensor, step: int
 ) -> SampleResult:
     # logits (b, V); fp32 math throughout.
     z = logits.float()
@@ -92,7 +98,7 @@ def _sample_cpu(
     cdf = torch.exp(z - peak).cumsum_(-1)  # (b, V) unnormalised cumulative mass
     total = cdf[:, -1:]
     # u in [0, total): the first index whose cumulative mass exceeds u has positive mass.
-    u = torch.rand(total.shape, generator=generator, device=z.device, dtype=z.dtype) * total
+    u = step_uniforms_no_sync(keys, step)[:, None] * total  # (b, 1); the row's own uniform in [0, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     logprob = z.gather(-1, token[:, None]).squeeze(-1) - (peak + torch.log(total)).squeeze(-1)
@@ -105,22 +111,23 @@ def sample(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator,
+    keys: torch.Tensor,
+    step: int,
     backend: str | None = None,
 ) -> SampleResult:
     """Sample one token per row of ``logits`` (b, V) and return it with its log-prob and floor.
 
-    Arguments are trusted (the engine validates them once per call). ``generator`` is a CPU
-    ``torch.Generator`` for CUDA logits (it seeds the kernel; no device sync) and a generator on
-    ``logits``' device otherwise. Returns a :class:`SampleResult`; ``floor`` is None unless top-k or
-    top-p is active (and never for greedy)."""
+    Arguments are trusted (the engine validates them once per call). ``keys`` (b,) int64 in
+    [0, 2**63), on ``logits``' device, are the rows' random-stream keys
+    (``random_streams.row_keys``) and ``step`` (an int >= 0) the counter: row b's draw depends on
+    ``(keys[b], step)`` and its own logits only. Returns a :class:`SampleResult`; ``floor`` is None
+    unless top-k or top-p is active (and never for greedy)."""
     if _backend.resolve(backend, logits.device) == "triton":
         from ..kernels import sampling as _kernels
 
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         token, logprob, floor = _kernels.sample_fwd(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+            logits, keys, temperature=temperature, top_k=top_k, top_p=top_p, step=step
         )
         truncated = temperature > 0 and (top_k > 0 or top_p < 1.0)
         return SampleResult(token, logprob, floor if truncated else None)
-    return _sample_cpu(logits, temperature, top_k, top_p, generator)
+    return _sample_cpu(logits, temperature, top_k, top_p, keys, step)

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from .. import _checks
+from .random_streams import check_seed
 
 FinishReason = Literal["eos", "stop", "length"]
 FINISH_REASONS: tuple[str, ...] = ("eos", "stop", "length")
@@ -83,7 +84,7 @@ class SamplingParams:
     top_p: float = 1.0  # in (0, 1]; 1 is off
     stop_strings: tuple[str, ...] = ()  # a row stops once its decoded response contains one
     stop_token_ids: tuple[int, ...] = ()  # a row stops when it samples one (it is kept)
-    seed: int | None = None  # None: drawn from torch's global generator
+    seed: int | tuple[int, ...] | None = None  # one int >= 0 per prompt, an int, or None (drawn)
 
     def __post_init__(self) -> None:
         _checks.positive_int(self.max_new_tokens, "max_new_tokens")
@@ -97,8 +98,7 @@ class SamplingParams:
         _checks.non_negative_int(self.top_k, "top_k")
         if not 0.0 < _checks.finite(self.top_p, "top_p") <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None:
-            _checks.integer(self.seed, "seed")
+        object.__setattr__(self, "seed", check_seed(self.seed))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 
