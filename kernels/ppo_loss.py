@@ -3,7 +3,9 @@
 
 Formulas: docs/formulas.md ("KL estimators", "Clipped policy loss", "CISPO", "Value loss").
 Layout: every input is a contiguous (B, T) tensor; the grid is (B, cdiv(T, BLOCK_T)), one
-program per tile of one row.
+program per tile of one row. Packed inputs (``PACKED``: one (1, N) row holding S sequences end to
+end, ``cu_seqlens`` (S + 1,) their offsets) use the same kernels with one "row" per sequence: the
+grid is (S, cdiv(longest, BLOCK_T)) and row ``b`` covers ``[cu[b], cu[b + 1])`` (``_row_span``).
 
 * GSPO (``loss_type="gspo"``) first runs ``_seq_logratio_kernel`` (reads logp, old_logp and the
   mask once more) for the per-row mean log-ratio the per-token ratio needs.
@@ -58,6 +60,17 @@ _K2 = tl.constexpr(L.KL_CODES["k2"])
 # The loss-type codes LOSS_TYPE branches on.
 _GSPO = tl.constexpr(L.LOSS_CODES["gspo"])
 _CISPO = tl.constexpr(L.LOSS_CODES["cispo"])
+
+
+@triton.jit
+def _row_span(cu_ptr, row, T, PACKED: tl.constexpr):
+    # (offset of the row's first token, its length): padded rows are T apart; a packed row is the
+    # sequence [cu[row], cu[row + 1]) of the one (1, N) row (T is then the longest sequence).
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        return start, tl.load(cu_ptr + row + 1).to(tl.int64) - start
+    else:
+        return row * T, row * 0 + T  # int64 even when T is specialised to a constant
 
 
 @triton.jit
@@ -185,8 +198,10 @@ def _seq_logratio_kernel(
     old_ptr,
     mask_ptr,
     partial_ptr,  # (B, T) x3; (B, NT, 2)
+    cu_ptr,  # (B + 1,) int64 sequence offsets, read only when PACKED
     T,
     NT,
+    PACKED: tl.constexpr,
     DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -194,8 +209,8 @@ def _seq_logratio_kernel(
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = offs_t < T
-    base = row * T
+    base, length = _row_span(cu_ptr, row, T, PACKED)
+    in_row = offs_t < length
     m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
     active = in_row & (m != 0)
     logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
@@ -218,6 +233,7 @@ def _ppo_policy_fwd_kernel(
     seq_lr_ptr,  # (B,) GSPO sequence log-ratio, read only when LOSS_TYPE is gspo
     partial_ptr,  # (B, NT, POLICY_STATS)
     grad_ptr,  # (B, T) out, written when WRITE_GRAD: is_w dL/dlogp + kl_coef dKL/dlogp (0 where masked)
+    cu_ptr,  # (B + 1,) int64 sequence offsets, read only when PACKED
     T,
     NT,
     # 1 - clip_low, 1 + clip_high, dual_clip, kl_coef: three fp32 pieces each (scalars.split_float)
@@ -240,14 +256,15 @@ def _ppo_policy_fwd_kernel(
     LOSS_TYPE: tl.constexpr,
     KL_EST: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    PACKED: tl.constexpr,
     DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = offs_t < T
-    base = row * T
+    base, length = _row_span(cu_ptr, row, T, PACKED)
+    in_row = offs_t < length
     m = tl.load(mask_ptr + base + offs_t, mask=in_row, other=0).to(DTYPE)
     active = in_row & (m != 0)
     logp = tl.load(logp_ptr + base + offs_t, mask=active, other=0.0).to(DTYPE)
@@ -299,11 +316,13 @@ def _scale_rows_bwd_kernel(
     row_weight_ptr,  # (B,) grad_output * d loss / d row sum
     dx_ptr,
     dent_ptr,  # (B, T) outputs (dent only when HAS_ENT)
+    cu_ptr,  # (B + 1,) int64 sequence offsets, read only when PACKED
     T,
     ent_coef_0,  # entropy_coef as three fp32 pieces (scalars.split_float)
     ent_coef_1,
     ent_coef_2,
     HAS_ENT: tl.constexpr,
+    PACKED: tl.constexpr,
     DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -311,8 +330,8 @@ def _scale_rows_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = offs_t < T
-    base = row * T
+    base, length = _row_span(cu_ptr, row, T, PACKED)
+    in_row = offs_t < length
     w = tl.load(row_weight_ptr + row).to(DTYPE)
     g = tl.load(grad_ptr + base + offs_t, mask=in_row, other=0.0).to(DTYPE)
     tl.store(dx_ptr + base + offs_t, w * g, mask=in_row)
@@ -382,6 +401,15 @@ def _tiles(T: int) -> tuple[int, int]:
     return block, triton.cdiv(max(T, 1), block)
 
 
+def _rows(shape, cu_seqlens) -> tuple[int, int, torch.Tensor | None]:
+    """(rows, their longest length, cu_seqlens on the device or None): the (B, T) grid, or one row
+    per packed sequence (``cu_seqlens``: validated CPU int64 offsets of a (1, N) input)."""
+    if cu_seqlens is None:
+        return shape[0], shape[1], None
+    cu_host = cu_seqlens.to(device="cpu", dtype=torch.int64)
+    return cu_host.numel() - 1, int((cu_host[1:] - cu_host[:-1]).max()), cu_host
+
+
 def _check_rows(*tensors: torch.Tensor) -> None:
     # Internal invariants (the public ops validate user input before calling the launchers).
     shape = tensors[0].shape
@@ -390,37 +418,42 @@ def _check_rows(*tensors: torch.Tensor) -> None:
         assert t.shape == shape and t.is_contiguous(), (t.shape, shape)
 
 
-def seq_logratio(logp, old_logp, mask, dtype: torch.dtype) -> torch.Tensor:
-    """GSPO's per-row ``s = sum_t(m lr) / max(sum_t m, 1)``: (B,) in ``dtype``."""
+def seq_logratio(logp, old_logp, mask, dtype: torch.dtype, cu_seqlens=None) -> torch.Tensor:
+    """GSPO's per-row ``s = sum_t(m lr) / max(sum_t m, 1)``: (B,) in ``dtype`` ((S,): one per
+    sequence of a packed (1, N) input with ``cu_seqlens``)."""
     _check_rows(logp, old_logp, mask)
-    B, T = logp.shape
+    B, T, cu = _rows(logp.shape, cu_seqlens)
+    cu = None if cu is None else cu.to(logp.device)
     block, nt = _tiles(T)
     partial = torch.empty((B, nt, 2), dtype=dtype, device=logp.device)
     with device_guard(logp):
         _seq_logratio_kernel[(B, nt)](
-            logp, old_logp, mask_view(mask), partial, T, nt, DTYPE=triton_dtype(dtype), BLOCK_T=block
-        )
+            logp, old_logp, mask_view(mask), partial, cu if cu is not None else partial, T, nt,
+            PACKED=cu is not None, DTYPE=triton_dtype(dtype), BLOCK_T=block,
+        )  # fmt: skip
     sums = partial.sum(1)
     return sums[:, 0] / sums[:, 1].clamp(min=1.0)
 
 
 def policy_fwd(
     logp, old_logp, advantages, mask, is_weights, ref_logp, entropy, *, config, write_grad: bool,
-    dtype: torch.dtype,
+    dtype: torch.dtype, cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Contiguous (B, T) inputs and a :class:`alignkit.PolicyLossConfig` -> per-row statistics
     (B, POLICY_STATS) in ``dtype`` (columns of alignkit.loss_layout) and, when ``write_grad``, the
     per-token gradient of the row sums w.r.t. logp, (B, T) in ``dtype``. GSPO (``loss_type=
-    "gspo"``) first runs the per-row log-ratio pre-pass."""
+    "gspo"``) first runs the per-row log-ratio pre-pass. With ``cu_seqlens`` (validated offsets of
+    S sequences packed in the (1, N) inputs) the rows are the sequences: statistics (S, ...)."""
     optional = [t for t in (is_weights, ref_logp, entropy) if t is not None]
     _check_rows(logp, old_logp, advantages, mask, *optional)
-    B, T = logp.shape
+    B, T, cu = _rows(logp.shape, cu_seqlens)
+    cu = None if cu is None else cu.to(logp.device)
     block, nt = _tiles(T)
     dual = config.active_dual_clip
-    seq_lr = seq_logratio(logp, old_logp, mask, dtype) if config.sequence_ratio else None
+    seq_lr = seq_logratio(logp, old_logp, mask, dtype, cu_seqlens) if config.sequence_ratio else None
     scalars = split_float(1.0 - config.clip_low, 1.0 + config.clip_high, dual or 0.0, config.kl_coef)
     partial = torch.empty((B, nt, L.POLICY_STATS), dtype=dtype, device=logp.device)
-    grad = torch.empty((B, T), dtype=dtype, device=logp.device) if write_grad else None
+    grad = torch.empty(logp.shape, dtype=dtype, device=logp.device) if write_grad else None
     with device_guard(logp):
         _ppo_policy_fwd_kernel[(B, nt)](
             logp, old_logp, advantages, mask_view(mask),
@@ -428,10 +461,11 @@ def policy_fwd(
             ref_logp if ref_logp is not None else logp,
             entropy if entropy is not None else logp,
             seq_lr if seq_lr is not None else partial,
-            partial, grad if grad is not None else partial, T, nt, *scalars,
-            HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None,
-            HAS_DUAL=dual is not None, LOSS_TYPE=config.loss_code, KL_EST=config.kl_code,
-            WRITE_GRAD=write_grad, DTYPE=triton_dtype(dtype), BLOCK_T=block,
+            partial, grad if grad is not None else partial, cu if cu is not None else partial, T, nt,
+            *scalars, HAS_IS=is_weights is not None, HAS_REF=ref_logp is not None,
+            HAS_ENT=entropy is not None, HAS_DUAL=dual is not None, LOSS_TYPE=config.loss_code,
+            KL_EST=config.kl_code, WRITE_GRAD=write_grad, PACKED=cu is not None, DTYPE=triton_dtype(dtype),
+            BLOCK_T=block,
         )  # fmt: skip
     return partial.sum(1), grad
 
@@ -444,20 +478,23 @@ def scale_rows_bwd(
     *,
     entropy_coef: float = 0.0,
     entropy_dtype: torch.dtype | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(row_weight[:, None] * grad`` in ``out_dtype``, ``-entropy_coef * row_weight * m`` in
-    ``entropy_dtype`` or None)``: the backward of both losses."""
+    ``entropy_dtype`` or None)``: the backward of both losses (with ``cu_seqlens``: a packed (1, N)
+    ``grad``, one weight per sequence)."""
     assert entropy_dtype is None or mask is not None
     _check_rows(grad, *(() if mask is None else (mask,)))
-    B, T = grad.shape
+    B, T, cu = _rows(grad.shape, cu_seqlens)
+    cu = None if cu is None else cu.to(grad.device)
     block, nt = _tiles(T)
-    dx = torch.empty((B, T), dtype=out_dtype, device=grad.device)
-    dent = None if entropy_dtype is None else torch.empty((B, T), dtype=entropy_dtype, device=grad.device)
+    dx = torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
+    dent = None if entropy_dtype is None else torch.empty(grad.shape, dtype=entropy_dtype, device=grad.device)
     with device_guard(grad):
         _scale_rows_bwd_kernel[(B, nt)](
             grad, grad if mask is None else mask_view(mask), row_weight.to(grad.dtype).contiguous(), dx,
-            dent if dent is not None else dx, T, *split_float(entropy_coef),
-            HAS_ENT=dent is not None, DTYPE=triton_dtype(grad.dtype), BLOCK_T=block,
+            dent if dent is not None else dx, cu if cu is not None else grad, T, *split_float(entropy_coef),
+            HAS_ENT=dent is not None, PACKED=cu is not None, DTYPE=triton_dtype(grad.dtype), BLOCK_T=block,
         )  # fmt: skip
     return dx, dent
 

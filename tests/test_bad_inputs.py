@@ -234,7 +234,8 @@ def _fused_ppo(backend, d, value):
     labels = torch.randint(0, V, (B, T), device=d)
     loss, metrics = alignkit.fused_linear_ppo_loss(
         hidden, weight, labels, _poison(x["old_logp"], dead, value), _poison(x["advantages"], dead, value), m,
-        entropy_coef=0.01, backend=backend,
+        entropy_coef=0.01, logit_floor=_poison(torch.full((B, T), -torch.inf, device=d), dead, value),
+        backend=backend,
     )  # fmt: skip
     loss.backward()
     return [loss, *metrics.values(), hidden.grad.masked_fill(dead[..., None], 0), weight.grad], (x, m)
@@ -454,6 +455,12 @@ def test_every_argument_names_itself_when_wrong(op, args, call, name):
             call(**{**args, name: args[name].to("meta")})
 
 
+def _tiny_fused_ppo(rows=2, **kwargs):
+    hidden, weight = torch.randn(rows, 3, 4), torch.randn(5, 4)
+    labels, x, m = torch.zeros(rows, 3, dtype=torch.long), torch.randn(rows, 3), torch.ones(rows, 3)
+    return alignkit.fused_linear_ppo_loss(hidden, weight, labels, x, x, m, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "pattern"),
     [
@@ -516,6 +523,14 @@ def test_every_argument_names_itself_when_wrong(op, args, call, name):
             lambda: alignkit.ppo_policy_loss(*[torch.randn(2, 3)] * 3, torch.ones(2, 3), config={}),
             TypeError,
             "config",
+        ),
+        (lambda: _tiny_fused_ppo(logit_floor=torch.zeros(2, 4)), ValueError, "logit_floor"),
+        (lambda: _tiny_fused_ppo(logit_floor=torch.zeros(2, 3, dtype=torch.long)), TypeError, "logit_floor"),
+        (lambda: _tiny_fused_ppo(rows=1, cu_seqlens=[0, 2]), ValueError, "cu_seqlens"),
+        (
+            lambda: alignkit.ppo_policy_loss(*[torch.randn(1, 3)] * 3, torch.ones(1, 3), cu_seqlens=[0.0, 3]),
+            TypeError,
+            "cu_seqlens",
         ),
         (lambda: alignkit.PolicyLossConfig(kl_estimator="full"), ValueError, "kl_estimator"),
         (lambda: alignkit.PolicyLossConfig(dual_clip=0.5), ValueError, "dual_clip"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import assert_close, ref_logprobs, ref_policy
+from oracles import assert_close, ref_logprobs, ref_logprobs_truncated, ref_policy
 
 from alignkit import PolicyLossConfig, fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss
 
@@ -57,7 +57,11 @@ def oracle(inputs, temperature, opts):
     logits = p["hidden"] @ p["weight"].T
     if p["bias"] is not None:
         logits = logits + p["bias"]
-    logp, ent = ref_logprobs(logits, inputs["labels"], temperature)
+    if inputs.get("logit_floor") is None:
+        logp, ent = ref_logprobs(logits, inputs["labels"], temperature)
+    else:  # a masked position is not scored, so its floor is never read
+        labels = inputs["labels"].masked_fill(~inputs["mask"], -100)
+        logp, ent = ref_logprobs_truncated(logits, labels, inputs["logit_floor"], temperature)
     kw = {k: inputs[k].double() for k in ("is_weights", "ref_logp") if k in opts.get("_extras", ())}
     opts = {k: v for k, v in opts.items() if not k.startswith("_")}
     total, metrics, magnitude = ref_policy(
@@ -87,6 +91,7 @@ def run_fused(inputs, backend, temperature, opts, chunk_size=None):
         bias=p["bias"],
         temperature=temperature,
         chunk_size=chunk_size,
+        logit_floor=inputs.get("logit_floor"),
         backend=backend,
         **kw,
         **opts,
@@ -106,6 +111,7 @@ def run_composed(inputs, backend, temperature, opts):
         bias=p["bias"],
         temperature=temperature,
         return_entropy=True,
+        logit_floor=inputs.get("logit_floor"),
         backend=backend,
     )
     loss, metrics = ppo_policy_loss(
@@ -346,3 +352,118 @@ def test_bad_input(override, exc, match):
     args.update(override)
     with pytest.raises(exc, match=match):
         fused_linear_ppo_loss(**args)
+
+
+# ----------------------------------------------------------------------------- logit_floor
+
+
+def with_floor(inputs, temperature, k=5, garbage=float("nan")):
+    """``inputs`` plus a top-k logit floor (the rollout's, docs/formulas.md "Truncated sampling and
+    the logit floor"): every third position and the whole last row -inf (no truncation), masked
+    positions ``garbage``, live labels drawn from the kept set as a sampler's are."""
+    logits = inputs["hidden"].double() @ inputs["weight"].double().T
+    if inputs["bias"] is not None:
+        logits = logits + inputs["bias"].double()
+    z = (logits / temperature).cpu()
+    top = z.topk(k + 1, dim=-1).values
+    floor = (top[..., k - 1] + top[..., k]) / 2  # (B, T)
+    floor.view(-1)[::3] = -torch.inf
+    floor[-1] = -torch.inf
+    kept = (z >= floor[..., None]).double().reshape(-1, z.shape[-1])
+    sampled = torch.multinomial(kept, 1).view(floor.shape)
+    labels = inputs["labels"].cpu()
+    labels = torch.where(labels == -100, labels, sampled)
+    floor = floor.masked_fill(~inputs["mask"].cpu(), garbage).float()
+    device = inputs["hidden"].device
+    return dict(inputs, labels=labels.to(device), logit_floor=floor.to(device))
+
+
+FLOOR_OPTIONS = [OPTIONS[1], OPTIONS[3], OPTIONS[4], OPTIONS[6]]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize("opts", FLOOR_OPTIONS, ids=_opt_id)
+def test_floor_matches_oracle_and_composition_cpu(opts, chunk_size):
+    check(with_floor(make_inputs(), 0.7), "cpu", 0.7, opts, chunk_size)
+
+
+@triton_only
+@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[4]], ids=_opt_id)
+def test_floor_matches_oracle_and_composition_triton(backend, backend_device, opts):
+    check(with_floor(make_inputs(B=2, T=8, H=16, V=48, device=backend_device), 0.7), backend, 0.7, opts)
+
+
+@pytest.mark.parametrize(("B", "T", "V", "k"), [(2, 1, 7, 1), (3, 7, 257, 11)])
+def test_floor_odd_shapes_and_fp64(B, T, V, k):
+    inputs = make_inputs(B=B, T=T, V=V, dtype=torch.float64, ignore=False)
+    inputs["mask"][0, 0] = True  # at least one live token
+    check(with_floor(inputs, 1.3, k=k), "cpu", 1.3, OPTIONS[1], chunk_size=3, rtol_oracle=1e-10)
+
+
+@pytest.mark.filterwarnings(
+    "ignore:(invalid value|overflow|divide by zero|All-NaN slice) encountered:RuntimeWarning"
+)
+def test_floor_at_masked_positions_is_never_read(backend, backend_device):
+    """A NaN or +inf floor (which would drop the whole vocabulary) where the mask is 0 changes
+    nothing: loss, metrics and every gradient equal those with a -inf floor there."""
+    inputs = make_inputs(B=2, T=8, V=48, device=backend_device)
+    schedules = ({}, {"chunk_size": 3}, {"loss_type": "gspo"}) if backend == "cpu" else ({"chunk_size": 3},)
+    for schedule in schedules:
+        opts = {"kl_coef": 0.1, "entropy_coef": 0.01, **schedule}
+        clean = with_floor(inputs, 1.0, garbage=-torch.inf)
+        expected = _fused_outputs(clean, backend, **opts)
+        assert torch.isfinite(expected[0])
+        masked = ~clean["mask"]
+        for garbage in (float("nan"), float("inf")):
+            poisoned = dict(clean, logit_floor=clean["logit_floor"].masked_fill(masked, garbage))
+            _assert_same(expected, _fused_outputs(poisoned, backend, **opts))
+
+
+def test_floor_of_minus_inf_equals_no_floor(backend, backend_device):
+    inputs = make_inputs(B=2, T=8, V=48, device=backend_device)
+    opts = {"kl_coef": 0.1, "entropy_coef": 0.01, "agg": "seq-mean-token-mean"}
+    plain = _fused_outputs(inputs, backend, **opts)
+    floor = torch.full(inputs["labels"].shape, -torch.inf, device=backend_device)
+    floored = _fused_outputs(inputs, backend, logit_floor=floor, **opts)
+    assert_close(floored[0], plain[0], 1e-7)
+    for a, b in zip(floored[2], plain[2], strict=True):
+        assert_close(a, b, 1e-7)
+
+
+def test_floor_truncates_the_entropy_and_gets_no_gradient():
+    """The entropy metric is that of the renormalised truncated distribution (what
+    fused_linear_logprobs(return_entropy=True, logit_floor=) returns), and the floor is a constant."""
+    inputs = with_floor(make_inputs(), 1.0, k=2)
+    floor = inputs["logit_floor"].clone().requires_grad_()
+    p = leaves(inputs)
+    loss, metrics = fused_linear_ppo_loss(
+        p["hidden"], p["weight"], inputs["labels"], inputs["old_logp"], inputs["advantages"], inputs["mask"],
+        bias=p["bias"], logit_floor=floor, agg="token-mean",
+    )  # fmt: skip
+    loss.backward()
+    assert floor.grad is None
+    _, ent = fused_linear_logprobs(
+        inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"], return_entropy=True,
+        logit_floor=inputs["logit_floor"],
+    )  # fmt: skip
+    live = inputs["mask"]
+    assert_close(metrics["entropy"], ent[live].double().mean(), 1e-6)
+    _, full_ent = fused_linear_logprobs(
+        inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"], return_entropy=True
+    )
+    assert float(ent[live].mean()) < float(full_ent[live].mean())  # top-2 of 40: far lower entropy
+
+
+BAD_FLOORS = [
+    (torch.zeros(3, 11), ValueError, "logit_floor must have the shape of labels"),
+    (torch.zeros(3, 12, dtype=torch.int64), TypeError, "logit_floor must be a floating-point tensor"),
+    ([[0.0] * 12] * 3, TypeError, "logit_floor must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("floor, exc, match", BAD_FLOORS, ids=["shape", "dtype", "list"])
+def test_bad_floor_names_the_argument(floor, exc, match):
+    inputs = make_inputs(bias=False)
+    args = [inputs[k] for k in ("hidden", "weight", "labels", "old_logp", "advantages", "mask")]
+    with pytest.raises(exc, match=match):
+        fused_linear_ppo_loss(*args, logit_floor=floor)

@@ -108,15 +108,16 @@ def _exp_parts_overload(x):
 # ----------------------------------------------------------------------------- policy loss
 
 
-def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_grad, kl_code):
+def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_grad, kl_code, packed):
     """(serial, parallel) row kernels for one dtype and option set; every argument is a
-    compile-time constant of the loop (numba freezes closure variables)."""
+    compile-time constant of the loop (numba freezes closure variables). ``packed``: the inputs are
+    one (1, N) row and row ``b`` is the sequence ``[cu[b], cu[b + 1])`` of it."""
     ft = dtype.type
     seq_ratio = loss_code == L.LOSS_CODES["gspo"]
     cispo = loss_code == L.LOSS_CODES["cispo"]
 
     @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
-    def row(b, logp, old, adv, mask, isw, ref, ent, scalars, stats, grad):
+    def row(b, logp, old, adv, mask, isw, ref, ent, cu, scalars, stats, grad):
         # Row statistics (columns of alignkit.loss_layout), and (write_grad) the per-token gradient
         # of the row sum w.r.t. logp: is_w dL/dlogp + kl_coef dKL/dlogp, 0 where masked.
         zero = ft(0.0)
@@ -124,16 +125,19 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_
         lim = ft(20.0)
         kl_lim = ft(10.0)
         lo, hi, dual, kl_coef = ft(scalars[0]), ft(scalars[1]), ft(scalars[2]), ft(scalars[3])
-        T = logp.shape[1]
+        # Storage row r, positions [t0, t1): row b of a (B, T) batch, or sequence b of a packed row.
+        r = 0 if packed else b
+        t0 = cu[b] if packed else 0
+        t1 = cu[b + 1] if packed else logp.shape[1]
         seq_ratio_value = zero
         seq_dratio = zero
         if seq_ratio:
             # GSPO: s = masked mean of clamp(lr, -20, 20) over the row (float64); ratio exp(min(s, 10)).
             num = 0.0
             cnt = 0.0
-            for t in range(T):
-                live = mask[b, t] != 0
-                d = np.float64(logp[b, t]) - np.float64(old[b, t])
+            for t in range(t0, t1):
+                live = mask[r, t] != 0
+                d = np.float64(logp[r, t]) - np.float64(old[r, t])
                 d = 20.0 if d > 20.0 else d
                 d = -20.0 if d < -20.0 else d
                 num += d if live else 0.0
@@ -149,15 +153,15 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_
         n_lower = 0.0
         s_neg_lr = 0.0
         n_bad = 0.0
-        for t in range(T):
-            mt = mask[b, t]
+        for t in range(t0, t1):
+            mt = mask[r, t]
             live = mt != 0
-            lp = logp[b, t]
-            a = adv[b, t]
+            lp = logp[r, t]
+            a = adv[r, t]
             # lr = clamp(logp - old, -20, 20); ratio = exp(lr); L1 = -A ratio;
             # L2 = -A clamp(ratio, lo, hi); L = max(L1, L2) (ties unclipped); dual: min(L, -A dual) if A < 0.
             # CISPO: w = stopgrad(clamp(ratio, lo, hi)); L = -w A logp, dL/dlogp = -w A.
-            diff = lp - old[b, t]
+            diff = lp - old[r, t]
             lr = lim if diff > lim else diff  # clamps as selects: NaN passes through
             lr = -lim if lr < -lim else lr
             if seq_ratio:
@@ -184,11 +188,11 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_
                     loss = l3 if lower else loss
                 g = zero if (clipped | lower) else -a * dratio
             if has_is:
-                w = isw[b, t]
+                w = isw[r, t]
                 loss = loss * w
                 g = g * w
             if has_ref:
-                d = lp - ref[b, t]
+                d = lp - ref[r, t]
                 if kl_code == 0:  # k1
                     kl = d
                     dkl = one
@@ -210,7 +214,7 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_
                 s_kl += np.float64(kl) if live else 0.0
                 g = g + kl_coef * dkl
             if has_ent:
-                s_ent += np.float64(ent[b, t]) if live else 0.0
+                s_ent += np.float64(ent[r, t]) if live else 0.0
             s_cnt += 1.0 if live else 0.0
             s_loss += np.float64(loss) if live else 0.0
             s_neg_lr += np.float64(-lr) if live else 0.0
@@ -218,7 +222,7 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_
             n_lower += 1.0 if (live & lower) else 0.0
             n_bad += 1.0 if (live & (mt != 1)) else 0.0
             if write_grad:
-                grad[b, t] = g if live else zero
+                grad[r, t] = g if live else zero
         stats[b, L.POLICY_COUNT] = s_cnt
         stats[b, L.POLICY_LOSS] = s_loss
         stats[b, L.POLICY_ENTROPY] = s_ent
@@ -229,14 +233,14 @@ def _policy_kernels(dtype, has_is, has_ref, has_ent, has_dual, loss_code, write_
         stats[b, L.POLICY_BAD_MASK] = n_bad
 
     @numba.njit(cache=True, nogil=True)
-    def serial(logp, old, adv, mask, isw, ref, ent, scalars, stats, grad):
-        for b in range(logp.shape[0]):
-            row(b, logp, old, adv, mask, isw, ref, ent, scalars, stats, grad)
+    def serial(logp, old, adv, mask, isw, ref, ent, cu, scalars, stats, grad):
+        for b in range(stats.shape[0]):
+            row(b, logp, old, adv, mask, isw, ref, ent, cu, scalars, stats, grad)
 
     @numba.njit(cache=True, nogil=True, parallel=True)
-    def parallel(logp, old, adv, mask, isw, ref, ent, scalars, stats, grad):
-        for b in numba.prange(logp.shape[0]):
-            row(b, logp, old, adv, mask, isw, ref, ent, scalars, stats, grad)
+    def parallel(logp, old, adv, mask, isw, ref, ent, cu, scalars, stats, grad):
+        for b in numba.prange(stats.shape[0]):
+            row(b, logp, old, adv, mask, isw, ref, ent, cu, scalars, stats, grad)
 
     return serial, parallel
 
@@ -248,20 +252,27 @@ def _or_dummy(a: np.ndarray | None, like: np.ndarray) -> np.ndarray:
     return like if a is None else a
 
 
+_NO_OFFSETS = np.zeros(1, dtype=np.int64)
+
+
 def policy_fwd(
-    logp, old_logp, advantages, mask, is_weights, ref_logp, entropy, *, config, write_grad: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
+    logp, old_logp, advantages, mask, is_weights, ref_logp, entropy, *, config, write_grad: bool,
+    cu_seqlens: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """(B, T) arrays of one float dtype (mask bool/uint8/that dtype) and a
     :class:`alignkit.PolicyLossConfig` -> per-row statistics (B, POLICY_STATS) float64 (columns of
     alignkit.loss_layout) and, when ``write_grad``, the per-token gradient of the row sums w.r.t.
-    logp, (B, T) in logp's dtype."""
-    stats = np.empty((logp.shape[0], L.POLICY_STATS), dtype=np.float64)
+    logp, (B, T) in logp's dtype. With ``cu_seqlens`` (int64 (S + 1,), validated offsets of the S
+    sequences packed in (1, N) arrays) the rows are the sequences: statistics (S, POLICY_STATS)."""
+    packed = cu_seqlens is not None
+    rows = len(cu_seqlens) - 1 if packed else logp.shape[0]
+    stats = np.empty((rows, L.POLICY_STATS), dtype=np.float64)
     grad = np.empty(logp.shape, dtype=logp.dtype) if write_grad else np.empty((1, 1), dtype=logp.dtype)
     dual = config.active_dual_clip
     has_ref = ref_logp is not None
     key = (
         logp.dtype, is_weights is not None, has_ref, entropy is not None, dual is not None,
-        config.loss_code, bool(write_grad), config.kl_code if has_ref else -1,
+        config.loss_code, bool(write_grad), config.kl_code if has_ref else -1, packed,
     )  # fmt: skip
     kernels = _POLICY_KERNELS.get(key)
     if kernels is None:
@@ -271,7 +282,7 @@ def policy_fwd(
     run_rows(
         *kernels, logp.size,
         logp, old_logp, advantages, mask, _or_dummy(is_weights, logp), _or_dummy(ref_logp, logp),
-        _or_dummy(entropy, logp), scalars, stats, grad,
+        _or_dummy(entropy, logp), cu_seqlens if packed else _NO_OFFSETS, scalars, stats, grad,
     )  # fmt: skip
     return stats, (grad if write_grad else None)
 

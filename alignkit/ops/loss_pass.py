@@ -6,6 +6,12 @@ inputs (kernels/ppo_loss.py on Triton, alignkit/cpu/losses.py on CPU) writes the
 (columns of alignkit.loss_layout) and, when grad is needed, the per-token gradient of the row sums;
 the backward scales that by ``c_b`` (:func:`scale_rows`). Used by :mod:`alignkit.ops.losses` and
 :mod:`alignkit.ops.fused_ppo`.
+
+Packed inputs: with ``cu_seqlens`` (validated CPU int64 offsets, :func:`alignkit._checks.cu_seqlens`)
+the (1, N) inputs hold S sequences end to end and every "row" above is a sequence: the pass writes
+(S, ...) statistics, the row weights are per sequence, and the padded width ``T`` of
+``seq-mean-token-sum-norm`` is the longest sequence (:func:`packed_width`), so a packed batch gives
+the numbers of the same sequences padded to their longest.
 """
 
 from __future__ import annotations
@@ -36,6 +42,18 @@ def row_weights(counts: torch.Tensor, agg: str, agg_scale: float | None, T: int)
     return nonempty / (rows * (float(max(T, 1)) if agg_scale is None else agg_scale))
 
 
+def packed_width(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence of validated CPU ``cu_seqlens``: the width of the padded batch a packed
+    one stands for."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def token_weights(row_weight: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Per-sequence weights (S,) copied onto the tokens of each sequence: (N,)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(row_weight.device)
+    return torch.repeat_interleave(row_weight, lengths, output_size=int(cu_seqlens[-1]))
+
+
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().contiguous()
 
@@ -43,19 +61,24 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
 def policy_stats(
     impl: str, logp, entropy, old_logp, advantages, mask, is_weights, ref_logp,
     config: PolicyLossConfig, dtype: torch.dtype, *, write_grad: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """One fused pass over (B, T) inputs: per-row statistics (B, POLICY_STATS) in ``dtype`` and, when
-    ``write_grad``, the per-token gradient of the row sums w.r.t. logp (B, T), 0 where masked."""
+    ``write_grad``, the per-token gradient of the row sums w.r.t. logp (B, T), 0 where masked. With
+    ``cu_seqlens``, (1, N) packed inputs and (S, POLICY_STATS) per-sequence statistics."""
     if impl == "triton":
         from ..kernels import ppo_loss as _kernels
 
         tensors = [_contiguous(t) for t in (logp, old_logp, advantages, mask, is_weights, ref_logp, entropy)]
-        return _kernels.policy_fwd(*tensors, config=config, write_grad=write_grad, dtype=dtype)
+        return _kernels.policy_fwd(
+            *tensors, config=config, write_grad=write_grad, dtype=dtype, cu_seqlens=cu_seqlens
+        )
     arrays = [to_numpy(t, dtype) for t in (logp, old_logp, advantages)]
     optional = [to_numpy(t, dtype) for t in (is_weights, ref_logp, entropy)]
     stats_np, grad_np = _cpu.policy_fwd(
-        *arrays, mask_to_numpy(mask, dtype), *optional, config=config, write_grad=write_grad
-    )
+        *arrays, mask_to_numpy(mask, dtype), *optional, config=config, write_grad=write_grad,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.numpy(),
+    )  # fmt: skip
     stats = torch.from_numpy(stats_np).to(device=logp.device, dtype=dtype)
     grad = None if grad_np is None else torch.from_numpy(grad_np).to(logp.device)
     return stats, grad
@@ -81,18 +104,29 @@ def value_stats(
 def scale_rows(
     impl: str, grad: torch.Tensor, mask: torch.Tensor | None, row_weight: torch.Tensor,
     out_dtype: torch.dtype, *, entropy_coef: float = 0.0, entropy_dtype: torch.dtype | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Backward of every loss here: ``row_weight[:, None] * grad`` in ``out_dtype`` (None when
     ``grad`` is None: logp needs no gradient) and, when ``entropy_dtype`` is given, d entropy
-    ``= -entropy_coef * row_weight[:, None] * (m != 0)``."""
+    ``= -entropy_coef * row_weight[:, None] * (m != 0)``. With ``cu_seqlens``: (1, N) packed
+    ``grad`` / ``mask`` and one weight per sequence."""
     with_entropy = entropy_dtype is not None
     if impl == "triton" and grad is not None:
         from ..kernels import ppo_loss as _kernels
 
         return _kernels.scale_rows_bwd(
             grad, _contiguous(mask) if with_entropy else None, row_weight, out_dtype,
-            entropy_coef=entropy_coef, entropy_dtype=entropy_dtype,
+            entropy_coef=entropy_coef, entropy_dtype=entropy_dtype, cu_seqlens=cu_seqlens,
         )  # fmt: skip
+    if cu_seqlens is not None and (grad is not None or with_entropy):
+        # Every token its sequence's weight: the same function on the (N, 1) view of the packed row.
+        shape = (grad if grad is not None else mask).shape
+        column = (None if t is None else t.reshape(-1, 1) for t in (grad, mask))
+        dx, dent = scale_rows(
+            impl, *column, token_weights(row_weight, cu_seqlens), out_dtype, entropy_coef=entropy_coef,
+            entropy_dtype=entropy_dtype,
+        )  # fmt: skip
+        return (None if dx is None else dx.reshape(shape)), (None if dent is None else dent.reshape(shape))
     if grad is not None and grad.device.type == "cpu":  # numba: torch's thread pool loses on small CPUs
         dx, dent = _cpu.scale_rows(
             grad.numpy(), mask_to_numpy(mask, grad.dtype) if with_entropy else None,
@@ -121,7 +155,8 @@ def policy_loss_and_metrics(
     stats: torch.Tensor, config: PolicyLossConfig, T: int, *, with_kl: bool, with_entropy: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Loss, metrics (0-dim tensors, never read on the host) and the per-row weights of the
-    aggregation, from the per-row statistics: B-sized work."""
+    aggregation, from the per-row statistics: B-sized work. ``T``: the padded width (packed:
+    :func:`packed_width`)."""
     raise_on_bad_mask(stats[:, L.POLICY_BAD_MASK])
     counts = stats[:, L.POLICY_COUNT]
     weights = row_weights(counts, config.agg, config.agg_scale, T)

@@ -29,6 +29,7 @@ from ..loss_layout import VALUE_BAD_MASK, VALUE_CLIP, VALUE_COUNT, VALUE_LOSS
 from . import loss_config
 from .loss_config import FIELDS, UNSET, PolicyLossConfig, resolve_config
 from .loss_pass import (
+    packed_width,
     policy_loss_and_metrics,
     policy_stats,
     raise_on_bad_mask,
@@ -102,18 +103,22 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, kl_estimator: str 
 class _PolicyLossFunction(torch.autograd.Function):
     """Inputs: logp and entropy (differentiable); the rest are constants. Outputs: loss and the
     metric tensors of METRIC_KEYS (non-differentiable). Saves the per-token gradient of the row
-    sums (B, T) and the per-row weights of the aggregation."""
+    sums (B, T) and the per-row weights of the aggregation. ``cu_seqlens`` (validated, CPU) or None:
+    the rows are the sequences packed in a (1, N) batch."""
 
     @staticmethod
-    def forward(ctx, logp, entropy, old_logp, advantages, mask, is_weights, ref_logp, config, impl, dtype):
+    def forward(
+        ctx, logp, entropy, old_logp, advantages, mask, is_weights, ref_logp, config, impl, dtype, cu_seqlens
+    ):
         stats, grad = policy_stats(
             impl, logp, entropy, old_logp, advantages, mask, is_weights, ref_logp, config, dtype,
-            write_grad=ctx.needs_input_grad[0],
+            write_grad=ctx.needs_input_grad[0], cu_seqlens=cu_seqlens,
         )  # fmt: skip
+        width = logp.shape[1] if cu_seqlens is None else packed_width(cu_seqlens)
         loss, metrics, weights = policy_loss_and_metrics(
-            stats, config, logp.shape[1], with_kl=True, with_entropy=True
+            stats, config, width, with_kl=True, with_entropy=True
         )
-        ctx.config, ctx.impl = config, impl
+        ctx.config, ctx.impl, ctx.cu_seqlens = config, impl, cu_seqlens
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         ctx.save_for_backward(grad, mask if ctx.needs_input_grad[1] else None, weights)
         values = tuple(metrics[k].to(dtype) for k in METRIC_KEYS)
@@ -126,9 +131,9 @@ class _PolicyLossFunction(torch.autograd.Function):
         logp_dtype, entropy_dtype = ctx.dtypes
         dlogp, dent = scale_rows(
             ctx.impl, grad, mask, weights * grad_loss, logp_dtype, entropy_coef=ctx.config.entropy_coef,
-            entropy_dtype=entropy_dtype if ctx.needs_input_grad[1] else None,
+            entropy_dtype=entropy_dtype if ctx.needs_input_grad[1] else None, cu_seqlens=ctx.cu_seqlens,
         )  # fmt: skip
-        return dlogp, dent, None, None, None, None, None, None, None, None
+        return dlogp, dent, None, None, None, None, None, None, None, None, None
 
 
 class _ValueLossFunction(torch.autograd.Function):
@@ -185,6 +190,7 @@ def ppo_policy_loss(
     is_weights: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO actor loss (clipped, GSPO or CISPO) with KL penalty and entropy bonus, in one fused pass.
@@ -207,6 +213,12 @@ def ppo_policy_loss(
             :class:`PolicyLossConfig` for their meaning and defaults).
         is_weights, ref_logp, entropy: optional (B, T) tensors (truncated-IS weights, reference
             log-probs for the KL term, policy entropy for the bonus).
+        cu_seqlens: optional offsets of the sequences packed end to end in (1, N) inputs (int
+            tensor, array or list, ``[0] == 0``, ``[-1] == N``, strictly increasing). Every
+            sequence then counts as a row: the seq-mean modes and GSPO's per-sequence ratio give
+            the numbers of the same sequences padded to (S, longest), and ``seq-mean-token-sum-norm``
+            divides by the longest sequence unless ``agg_scale`` is given. Without it, a packed row
+            is one sequence (right for ``token-mean`` with ppo_clip / cispo only).
         backend: ``"auto" | "triton" | "cpu"``.
 
     Returns:
@@ -227,12 +239,25 @@ def ppo_policy_loss(
         None if t is None else _checks.float_like(t, name, logp, "logp") for name, t in optional.items()
     )
     config.check_inputs(has_ref=ref_logp is not None, has_entropy=entropy is not None)
+    cu_seqlens = packed_offsets(cu_seqlens, logp, "logp")
     impl = _backend.resolve(backend, logp.device)
     dtype = _checks.accumulation_dtype(logp, old_logp, advantages, is_weights, ref_logp, entropy)
     loss, *values = _PolicyLossFunction.apply(
-        logp, entropy, old_logp, advantages, mask, is_weights, ref_logp, config, impl, dtype
+        logp, entropy, old_logp, advantages, mask, is_weights, ref_logp, config, impl, dtype, cu_seqlens
     )
     return loss, select_metrics(values, with_kl=ref_logp is not None, with_entropy=entropy is not None)
+
+
+def packed_offsets(cu_seqlens: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor | None:
+    """None, or validated CPU int64 ``cu_seqlens`` for a packed (1, N, ...) ``ref``."""
+    if cu_seqlens is None:
+        return None
+    if ref.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens, {ref_name} must hold one packed row (leading shape (1, N)), got "
+            f"{tuple(ref.shape)}"
+        )
+    return _checks.cu_seqlens(cu_seqlens, ref.shape[1])
 
 
 def select_metrics(values, *, with_kl: bool, with_entropy: bool) -> dict[str, torch.Tensor]:
