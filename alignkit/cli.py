@@ -92,17 +92,16 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    """``alignkit train --config run.yaml key=value ...`` (alignkit/demo/train_config.py)."""
-    from alignkit.demo import train_config
-    from alignkit.trainer import RewardError
+    """``alignkit train --config run.yaml key=value ...`` (alignkit/trainer/run_file.py)."""
+    from alignkit.trainer import RewardError, run_file
 
     try:
-        run = train_config.load(args.config, args.overrides)
-        trainer = train_config.build(run)
+        run = run_file.load(args.config, args.overrides)
+        trainer = run_file.build(run)
     except (ValueError, TypeError, OSError) as exc:
         return _fail("train", exc)
     try:
-        train_config.train(run, trainer)
+        run_file.train(run, trainer)
     except RewardError as exc:
         return _fail("train", exc)
     return 0

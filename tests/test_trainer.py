@@ -63,6 +63,8 @@ def _first_last(history, key="reward/mean", k=3):
         ("grpo", {"loss_type": "cispo", "ppo_epochs": 2}),
         ("grpo", {"kl_coef": 0.05, "top_k": 12}),
         ("grpo", {"rollout_correction": "tis", "top_p": 0.9}),
+        ("ppo", {}),
+        ("ppo", {"kl_coef": 0.01, "kl_in_reward": True, "ppo_epochs": 2}),
     ],
     ids=lambda value: value if isinstance(value, str) else "-".join(f"{k}={v}" for k, v in value.items()),
 )
@@ -87,12 +89,43 @@ def test_grpo_learns_over_seeds(model_dir, seed):
     assert last > first + 0.1, f"seed {seed}: reward {first:.3f} -> {last:.3f}"
 
 
-def test_resume_continues_exactly(model_dir, tmp_path):
-    full = _trainer(model_dir, iterations=4, output_dir=str(tmp_path / "full")).train()
-    part = _trainer(model_dir, iterations=4, save_every=2, output_dir=str(tmp_path / "part"))
+def _critic(tokenizer):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForSequenceClassification(config)
+
+
+def test_ppo_with_a_separate_critic_learns(model_dir):
+    trainer = _trainer(model_dir, algorithm="ppo")
+    trainer = Trainer(
+        trainer.model, trainer.tokenizer, reward_fn=digit_share, prompts=PROMPTS, config=trainer.config,
+        critic=_critic(trainer.tokenizer),
+    )  # fmt: skip
+    assert trainer.value_head is None and trainer.critic is not None
+    before = [p.detach().clone() for p in trainer.critic.parameters()]
+    history = trainer.train()
+    first, last = _first_last(history)
+    assert last > first + 0.1, f"ppo + critic: reward {first:.3f} -> {last:.3f}"
+    assert all(math.isfinite(m["value/loss"]) for m in history)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.critic.parameters(), strict=True))
+    # The value targets are learned: the critic's value of the rollout states tracks the reward.
+    assert abs(history[-1]["value/mean"] - history[-1]["reward/mean"]) < 0.3
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_resume_continues_exactly(model_dir, tmp_path, algorithm):
+    full = _trainer(model_dir, algorithm=algorithm, iterations=4, output_dir=str(tmp_path / "full")).train()
+    part = _trainer(
+        model_dir, algorithm=algorithm, iterations=4, save_every=2, output_dir=str(tmp_path / "part")
+    )
     part.config.iterations = 2
     part.train()
-    resumed = _trainer(model_dir, iterations=4, output_dir=str(tmp_path / "part"))
+    resumed = _trainer(model_dir, algorithm=algorithm, iterations=4, output_dir=str(tmp_path / "part"))
     rest = resumed.train(resume_from="latest")
     assert [m["iteration"] for m in rest] == [2, 3]
     for a, b in zip(full[2:], rest, strict=True):
@@ -158,6 +191,9 @@ def test_async_and_weighted_rewards(model_dir):
         ({"kl_in_reward": True, "kl_coef": 0.1}, ValueError, "kl_in_reward"),
         ({"top_p": 0}, ValueError, "top_p"),
         ({"agg": "mean"}, ValueError, "agg must be one of"),
+        ({"algorithm": "ppo", "gae_lambda": 1.5}, ValueError, "gae_lambda"),
+        ({"algorithm": "ppo", "vf_coef": -1}, ValueError, "vf_coef"),
+        ({"algorithm": "ppo", "critic_learning_rate": 0}, ValueError, "critic_learning_rate"),
     ],
 )
 def test_config_errors_name_the_field(options, error, pattern):
@@ -180,5 +216,10 @@ def test_trainer_refuses_bad_setups_before_compute(model_dir):
         Trainer(model, tokenizer, reward_fn=digit_share, prompts=[])
     with pytest.raises(ValueError, match="critic is for a value-based algorithm"):
         Trainer(model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, critic=torch.nn.Linear(2, 1))
+    with pytest.raises(TypeError, match="critic must be a torch.nn.Module"):
+        Trainer(model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, critic=object(),
+                config=RLConfig(algorithm="ppo"))  # fmt: skip
+    with pytest.raises(ValueError, match="prompts_per_iteration"):
+        RLConfig(prompts_per_iteration=0)
     with pytest.raises(TypeError, match="reward_fn entries must be callable"):
         Trainer(model, tokenizer, reward_fn=[3], prompts=PROMPTS)

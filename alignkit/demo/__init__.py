@@ -1,6 +1,6 @@
 """The embedded demo (``alignkit demo``: alignkit/demo/run.py), its task (task.py), the small
-from-scratch models it and the tests use (models.py), its plot (plots.py) and the YAML run configs
-of ``alignkit train`` (train_config.py)."""
+from-scratch models it and the tests use (models.py) and its plot (plots.py). The YAML run configs
+of ``alignkit train`` live in alignkit/trainer/run_file.py."""
 
 from __future__ import annotations
 

@@ -348,9 +348,10 @@ def causal_lm_logprobs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     logit_floor: torch.Tensor | None = None,
+    return_hidden: bool = False,
     backend: str | None = None,
     **model_kwargs: object,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Per-token log-probs (and entropy) of a Hugging Face causal LM, logits never formed.
 
     Runs the model's body (``model.base_model``: LlamaModel, Qwen2Model, GPT2Model, ...) to its
@@ -366,11 +367,14 @@ def causal_lm_logprobs(
         temperature, chunk_size, backend: as in :func:`fused_linear_logprobs`.
         logit_floor: optional, the shape of the output ((B, T - 1) or (B, k)): the rollout's
             ``logit_floor``, so the recomputed log-probs are those of the distribution it sampled.
+        return_hidden: also return the last hidden states that predict the scored tokens
+            (B, T - 1, H) (or (B, k, H)), with their graph: a value head on the same body reads them.
         model_kwargs: forwarded to the body.
 
     Returns:
         logp (B, T - 1) (or (B, k)) float32, 0 where the scored token is padding
-        (``attention_mask[:, t + 1] == 0``); with ``return_entropy``, ``(logp, entropy)``.
+        (``attention_mask[:, t + 1] == 0``); with ``return_entropy``, ``(logp, entropy)``; with
+        ``return_hidden``, the hidden states last: ``(logp, [entropy,] hidden)``.
     """
     input_ids = _checks.integer_tensor(input_ids, "input_ids")
     if input_ids.dim() != 2:
@@ -390,6 +394,7 @@ def causal_lm_logprobs(
             )
         _checks.same_device(position_ids, "position_ids", input_ids, "input_ids")
     logits_to_keep = _checks.non_negative_int(logits_to_keep, "logits_to_keep")
+    return_hidden = _checks.flag(return_hidden, "return_hidden")
     _check_token_range(model, input_ids)
     weight, bias = _output_head(model)
     body = getattr(model, "base_model", None)
@@ -410,7 +415,7 @@ def causal_lm_logprobs(
     labels = input_ids[:, -keep:].to(torch.int64)  # (B, k)
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, -keep:] == 0, -100)
-    return fused_linear_logprobs(
+    out = fused_linear_logprobs(
         hidden,
         weight,
         labels,
@@ -422,3 +427,6 @@ def causal_lm_logprobs(
         logit_floor=logit_floor,
         backend=backend,
     )
+    if not return_hidden:
+        return out
+    return (*out, hidden) if isinstance(out, tuple) else (out, hidden)

@@ -2,7 +2,9 @@
 algorithms differ by a registered function, not by branches through the training loop.
 
 Each estimator takes the iteration's :class:`Scored` samples and the config and returns per-token
-advantages (N, T) over the response tokens (0 elsewhere). The math is alignkit's ops
+advantages (N, T) over the response tokens (0 elsewhere), or ``(advantages, returns)`` when the
+algorithm also trains a value function (ppo). Whitening over the batch is over the whole global
+batch when training data-parallel (alignkit.trainer.distributed). The math is alignkit's ops
 (docs/formulas.md, "Group (outcome) advantages", "Discounted returns", "Masked whitening").
 """
 
@@ -13,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.advantages import discounted_returns
+from ..ops.advantages import discounted_returns, gae
 from ..ops.group_advantages import group_advantages
 from ..ops.losses import kl_penalty
-from ..ops.whiten import masked_whiten
 from .config import RLConfig
+from .distributed import masked_whiten
 
 
 @dataclass
@@ -29,9 +31,11 @@ class Scored:
     mask: torch.Tensor  # (N, T) float32 response mask
     old_logp: torch.Tensor  # (N, T) float32 log-probs of the policy that sampled
     ref_logp: torch.Tensor | None  # (N, T) float32 reference log-probs, None without a reference
+    values: torch.Tensor | None = None  # (N, T) float32 values of the rollout's states (ppo)
+    turn_rewards: torch.Tensor | None = None  # (N, T) per-turn rewards of env episodes, else None
 
 
-Estimator = Callable[[Scored, RLConfig], torch.Tensor]
+Estimator = Callable[[Scored, RLConfig], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 ESTIMATORS: dict[str, Estimator] = {}
 
 
@@ -45,8 +49,12 @@ def register_advantage(name: str) -> Callable[[Estimator], Estimator]:
     return register
 
 
-def advantages_for(algorithm: str, scored: Scored, config: RLConfig) -> torch.Tensor:
-    return ESTIMATORS[algorithm](scored, config)
+def advantages_for(
+    algorithm: str, scored: Scored, config: RLConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(advantages, returns)``; returns are None for algorithms without a value function."""
+    out = ESTIMATORS[algorithm](scored, config)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def _group(method: str):
@@ -66,11 +74,15 @@ register_advantage("reinforce++-baseline")(_group("reinforce++-baseline"))
 
 
 def token_rewards(scored: Scored, config: RLConfig) -> torch.Tensor:
-    """(N, T) rewards: the sequence score on each row's last response token, minus
-    ``kl_coef * k1(old, ref)`` on every response token when the KL goes into the reward."""
+    """(N, T) rewards: the sequence score on each row's last response token (env episodes: each
+    turn's reward on the last token of that turn), minus ``kl_coef * k1(old, ref)`` on every
+    response token when the KL goes into the reward."""
     mask = scored.mask
-    last = (mask * torch.arange(mask.shape[1], dtype=mask.dtype)).argmax(-1)  # (N,) last response token
-    rewards = torch.zeros_like(mask).scatter_(1, last[:, None], scored.scores[:, None].to(mask.dtype))
+    if scored.turn_rewards is not None:
+        rewards = scored.turn_rewards.to(mask.dtype)
+    else:
+        last = (mask * torch.arange(mask.shape[1], dtype=mask.dtype)).argmax(-1)  # (N,) last response token
+        rewards = torch.zeros_like(mask).scatter_(1, last[:, None], scored.scores[:, None].to(mask.dtype))
     if config.kl_in_reward and config.kl_coef > 0 and scored.ref_logp is not None:
         k1 = kl_penalty(scored.old_logp, scored.ref_logp, kl_estimator="k1")
         rewards = rewards - config.kl_coef * torch.where(mask != 0, k1, 0.0)
@@ -82,3 +94,15 @@ def _reinforce_plus_plus(scored: Scored, config: RLConfig) -> torch.Tensor:
     # REINFORCE++: per-token reward-to-go, whitened over the batch's response tokens.
     returns = discounted_returns(token_rewards(scored, config), scored.mask, gamma=config.gamma)
     return torch.where(scored.mask != 0, masked_whiten(returns, scored.mask), 0.0)
+
+
+@register_advantage("ppo")
+def _ppo(scored: Scored, config: RLConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    # PPO: GAE over the per-token rewards with the rollout's values; the returns (the value
+    # targets) are taken before the advantages are whitened over the batch (verl's default).
+    if scored.values is None:
+        raise ValueError("algorithm='ppo' needs the rollout's values (Scored.values), got None")
+    advantages, returns = gae(
+        token_rewards(scored, config), scored.values, scored.mask, gamma=config.gamma, lam=config.gae_lambda
+    )
+    return torch.where(scored.mask != 0, masked_whiten(advantages, scored.mask), 0.0), returns

@@ -3,7 +3,8 @@ never touched by a failed write), the last ``keep`` kept, and read back for an e
 
 Layout of ``<output_dir>/checkpoint-<iteration>/``::
 
-    model/              the policy, from_pretrained-loadable (and its tokenizer)
+    model/              the policy, from_pretrained-loadable (and its tokenizer); with LoRA, the
+                        adapter (PEFT's adapter_config.json + adapter_model.safetensors)
     trainer_state.pt    optimizer, scheduler, RNG states (torch, numpy, python), counters, config
 """
 
@@ -77,9 +78,15 @@ def save(
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the weights saved by ``save_pretrained`` into ``model`` in place (tied weights re-tied)."""
+    """Load the weights saved by ``save_pretrained`` into ``model`` in place (tied weights re-tied;
+    a PEFT model's adapter weights when the folder holds an adapter)."""
     from safetensors.torch import load_file
 
+    if (folder / "adapter_config.json").is_file():
+        import peft
+
+        peft.set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")

@@ -14,7 +14,9 @@ from ..ops.loss_config import AGG_MODES, LOSS_TYPES
 # Advantage estimators that need a group of samples per prompt (num_generations >= 2).
 GROUP_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce++-baseline")
 # Algorithms whose advantages come from per-token rewards (where an in-reward KL can go).
-TOKEN_ALGORITHMS = ("reinforce++",)
+TOKEN_ALGORITHMS = ("reinforce++", "ppo")
+# Algorithms that learn a value function (a value head on the policy body, or a critic model).
+VALUE_ALGORITHMS = ("ppo",)
 ALGORITHMS = GROUP_ALGORITHMS + TOKEN_ALGORITHMS
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -26,6 +28,7 @@ _ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "rloo": {"agg": "token-mean"},
     "reinforce++": {"agg": "token-mean"},
     "reinforce++-baseline": {"agg": "token-mean"},
+    "ppo": {"agg": "token-mean"},
 }
 
 
@@ -34,13 +37,19 @@ class RLConfig:
     """Everything one RL fine-tuning run needs besides the model, the prompts and the reward."""
 
     # --- algorithm
-    algorithm: str = "grpo"  # grpo, dr_grpo, dapo, rloo, reinforce++, reinforce++-baseline
+    algorithm: str = "grpo"  # grpo, dr_grpo, dapo, rloo, reinforce++, reinforce++-baseline, ppo
     loss_type: str = "ppo_clip"  # ppo_clip (asymmetric + dual clip), gspo (sequence ratio), cispo
     agg: str | None = None  # loss aggregation (alignkit.agg_loss); None: the algorithm's default
     clip_low: float = 0.2  # ratio >= 1 - clip_low
     clip_high: float | None = None  # ratio <= 1 + clip_high; None: 0.2 (0.28 for dapo)
     dual_clip: float | None = 3.0  # dual-clip bound for negative advantages (> 1); None disables
-    gamma: float = 1.0  # discount of the per-token returns (reinforce++)
+    gamma: float = 1.0  # discount of the per-token returns (reinforce++, ppo)
+    gae_lambda: float = 0.95  # ppo: GAE lambda
+    vf_coef: float = 0.5  # ppo: weight of the value loss (added to the policy loss)
+    value_clip: float = 0.2  # ppo: values move at most this far from the rollout's (clipped value loss)
+    critic_learning_rate: float | None = (
+        None  # ppo: learning rate of the value head / critic; None: learning_rate
+    )
     group_eps: float = 1e-6  # added to the group std (grpo, dapo)
     dapo_max_refills: int = 4  # dapo: extra rollouts to replace groups whose rewards are all equal
     rollout_correction: str | None = None  # importance weights old/rollout: None, "tis" or "mis"
@@ -59,6 +68,8 @@ class RLConfig:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     stop: list[str] | None = None  # stop strings (kept in the response)
+    max_turns: int = 4  # env= rollouts: model turns per episode
+    max_total_tokens: int = 512  # env= rollouts: prompt + every turn of an episode
     # --- optimisation
     learning_rate: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -68,12 +79,19 @@ class RLConfig:
     ppo_epochs: int = 1  # optimizer steps per iteration (each a pass over the iteration's samples)
     minibatch_tokens: int = 8192  # token budget of one forward/backward (gradients accumulate)
     max_grad_norm: float | None = 1.0  # gradient clipping; None disables
+    # --- model
+    precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights) or "auto": bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute activations in backward (Hugging Face's)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (PEFT) instead of the full model
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = lora_alpha / lora_rank)
+    lora_target_modules: str | list[str] = "all-linear"  # PEFT target_modules
     # --- bookkeeping
     seed: int = 0  # seeds prompt order, sampling and minibatch order
     output_dir: str | None = None  # where metrics.jsonl and checkpoints go; None: nowhere
     save_every: int = 0  # checkpoint every this many iterations (0: only at the end)
     keep_checkpoints: int = 2  # checkpoints kept (oldest removed first)
     progress: bool = True  # a progress bar with live reward / KL
+    tensorboard: bool | None = None  # TensorBoard event files in output_dir; None: when installed
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored with checkpoints
 
     def __post_init__(self) -> None:
@@ -87,6 +105,11 @@ class RLConfig:
         if self.dual_clip is not None and not _checks.finite(self.dual_clip, "dual_clip") > 1.0:
             raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip}")
         self.gamma = _checks.unit_interval(self.gamma, "gamma")
+        self.gae_lambda = _checks.unit_interval(self.gae_lambda, "gae_lambda")
+        self.vf_coef = _checks.non_negative(self.vf_coef, "vf_coef")
+        self.value_clip = _checks.non_negative(self.value_clip, "value_clip")
+        if self.critic_learning_rate is not None:
+            self.critic_learning_rate = _checks.positive(self.critic_learning_rate, "critic_learning_rate")
         self.group_eps = _checks.eps(self.group_eps, "group_eps")
         self.dapo_max_refills = _checks.non_negative_int(self.dapo_max_refills, "dapo_max_refills")
         if self.rollout_correction is not None:
@@ -108,7 +131,10 @@ class RLConfig:
                 "(kl_in_reward=False)"
             )
         self.entropy_coef = _checks.finite(self.entropy_coef, "entropy_coef")
-        for name in ("iterations", "prompts_per_iteration", "num_generations", "max_new_tokens"):
+        for name in (
+            "iterations", "prompts_per_iteration", "num_generations", "max_new_tokens", "max_turns",
+            "max_total_tokens",
+        ):  # fmt: skip
             setattr(self, name, _checks.positive_int(getattr(self, name), name))
         if self.algorithm in GROUP_ALGORITHMS and self.num_generations < 2:
             raise ValueError(
@@ -131,6 +157,18 @@ class RLConfig:
         self.adam_betas = (float(betas[0]), float(betas[1]))
         self.lr_schedule = _checks.choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
         self.warmup_iterations = _checks.non_negative_int(self.warmup_iterations, "warmup_iterations")
+        self.precision = _checks.choice(self.precision, "precision", ("auto", "fp32", "bf16"))
+        self.gradient_checkpointing = _checks.flag(self.gradient_checkpointing, "gradient_checkpointing")
+        self.lora_rank = _checks.non_negative_int(self.lora_rank, "lora_rank")
+        self.lora_alpha = _checks.positive(self.lora_alpha, "lora_alpha")
+        targets = self.lora_target_modules
+        if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets)
+        ):
+            raise TypeError(
+                f"lora_target_modules must be a module name pattern or a list of names, got {targets!r}"
+            )
+        self.lora_target_modules = targets if isinstance(targets, str) else list(targets)
         self.ppo_epochs = _checks.positive_int(self.ppo_epochs, "ppo_epochs")
         self.minibatch_tokens = _checks.positive_int(self.minibatch_tokens, "minibatch_tokens")
         if self.max_grad_norm is not None:
@@ -141,6 +179,8 @@ class RLConfig:
         self.save_every = _checks.non_negative_int(self.save_every, "save_every")
         self.keep_checkpoints = _checks.positive_int(self.keep_checkpoints, "keep_checkpoints")
         self.progress = _checks.flag(self.progress, "progress")
+        if self.tensorboard is not None:
+            self.tensorboard = _checks.flag(self.tensorboard, "tensorboard")
         if not isinstance(self.extra, dict):
             raise TypeError(f"extra must be a dict, got {type(self.extra).__name__}")
 

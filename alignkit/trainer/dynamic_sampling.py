@@ -60,7 +60,7 @@ def concat_groups(parts: list[tuple[Rollout, list[int]]], n: int, pad_id: int) -
 def refill_groups(trainer, iteration: int, prompts, rollout: Rollout, scores: torch.Tensor, per_fn):
     """Keep the informative groups of the first rollout and top them up from fresh prompts."""
     cfg = trainer.config
-    n, want = cfg.num_generations, cfg.prompts_per_iteration
+    n, want = cfg.num_generations, len(prompts)
     kept_prompts: list[dict[str, Any]] = []
     parts: list[tuple[Rollout, list[int]]] = []
     kept_scores: list[torch.Tensor] = []
@@ -74,7 +74,7 @@ def refill_groups(trainer, iteration: int, prompts, rollout: Rollout, scores: to
         if len(kept_prompts) >= want or refills >= cfg.dapo_max_refills:
             break
         refills += 1
-        current_prompts = trainer.select_prompts(iteration, want, stream=refills)
+        current_prompts = trainer.select_prompts(iteration, stream=refills)
         current = trainer.rollout(current_prompts, iteration, stream=refills)
         current_scores, _ = trainer.rewards(current_prompts, current)
     extra = {"dapo/kept_groups": len(kept_prompts), "dapo/refills": refills}

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config_overrides import parse_overrides
-from ..trainer import RLConfig, Trainer
-from . import models, task
+from ..demo import models, task
+from .config import RLConfig
+from .trainer import Trainer
 
 RUN_KEYS = ("model", "device", "task", "prompts", "reward", "reward_weights")
 TASKS = ("addition",)

@@ -1,0 +1,40 @@
+"""A training run for tests/test_trainer_distributed.py: launched by torchrun (each rank writes its
+final parameters and metrics) or called in-process (the single-process reference)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+PROMPTS = [f"{c}:" for c in "abcdefghijklmnop"]
+
+
+def digit_share(prompts, completions, **meta):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def run(model_dir: str, out: Path, algorithm: str) -> None:
+    import transformers
+
+    from alignkit.trainer import RLConfig, Trainer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    config = RLConfig(
+        algorithm=algorithm, iterations=3, prompts_per_iteration=4, num_generations=4, max_new_tokens=8,
+        learning_rate=3e-3, kl_coef=0.05 if algorithm == "grpo" else 0.0, minibatch_tokens=64, progress=False,
+        seed=3,
+    )  # fmt: skip
+    trainer = Trainer(model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, config=config)
+    history = trainer.train()
+    params = torch.cat([p.detach().reshape(-1) for p in trainer.trainable_parameters()])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(params, out / f"params-rank{trainer.rank}.pt")
+    (out / f"metrics-rank{trainer.rank}.json").write_text(json.dumps(history))
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
