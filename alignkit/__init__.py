@@ -26,8 +26,23 @@ from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token
 from .rollout import Rollout, RolloutEngine
 from .trainer import RLConfig, Trainer
 
+# The Stable-Baselines3-style fronts need gymnasium: imported on first use, so `import alignkit`
+# does not import it.
+_LAZY = {"PPO": "alignkit.envs", "GRPO": "alignkit.envs"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alignkit' has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS",
+    "GRPO",
+    "PPO",
     "VALIDATION_MODES",
     "Batch",
     "PolicyLossConfig",
