@@ -9,11 +9,8 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = [f"{c}:" for c in "abcdefghijklmnop"]
-
-
-def digit_share(prompts, completions, **meta):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+sys.path.insert(0, str(Path(__file__).parent))  # run by torchrun as a script: toy_task beside it
+from toy_task import PROMPTS, digit_share
 
 
 def run(model_dir: str, out: Path, algorithm: str) -> None:

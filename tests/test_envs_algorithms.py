@@ -6,9 +6,9 @@ from __future__ import annotations
 import gymnasium
 import pytest
 import torch
+from toy_task import save_tiny_llama
 
 import alignkit.envs as envs
-from alignkit.demo import char_tokenizer, save_and_reload, tiny_llama
 from alignkit.rollout import RolloutEngine
 
 ENV = "alignkit/GuessNumber-v0"
@@ -19,11 +19,7 @@ SMALL = {"prompts_per_iteration": 2, "num_generations": 2, "max_new_tokens": 3, 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny random Llama and the char tokenizer, saved and reloaded (from_pretrained)."""
-    tokenizer = char_tokenizer()
-    model = tiny_llama(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=0)
-    folder = tmp_path_factory.mktemp("tiny")
-    save_and_reload(model, tokenizer, folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 
 def fresh(saved):

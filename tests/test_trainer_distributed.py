@@ -10,14 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import distributed_worker
 import pytest
 import torch
-
-from alignkit.demo import char_tokenizer, save_and_reload, tiny_llama
+from toy_task import save_tiny_llama
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-import distributed_worker  # noqa: E402
 
 # The same gradients summed in another order (two half-batches + all-reduce vs one accumulation)
 # differ by float rounding; Adam divides by sqrt(v), so where a gradient is ~0 that rounding can
@@ -29,11 +27,7 @@ MEAN_DIFF, STEP_FRACTION = 1e-6, 0.1
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tokenizer = char_tokenizer()
-    model = tiny_llama(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    save_and_reload(model, tokenizer, path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])

@@ -8,24 +8,14 @@ import math
 
 import pytest
 import torch
+from toy_task import PROMPTS, digit_share, save_tiny_llama
 
-from alignkit.demo import char_tokenizer, save_and_reload, tiny_llama
 from alignkit.trainer import RLConfig, Trainer
-
-PROMPTS = [f"{c}:" for c in "abcdefgh"]
-
-
-def digit_share(prompts, completions, **meta):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tokenizer = char_tokenizer()
-    model = tiny_llama(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, seed=0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    save_and_reload(model, tokenizer, path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _trainer(model_dir, **overrides):
