@@ -195,10 +195,26 @@ def test_train_with_prompts_file_and_reward_import(demo_run, tmp_path, monkeypat
     assert len((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_train_on_an_env(demo_run, tmp_path):
+    folder, _ = demo_run
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {folder / 'model'}\ndevice: cpu\nenv: alignkit/GuessNumber-v0\nenv_kwargs: {{high: 8}}\n"
+        f"algorithm: ppo\niterations: 1\nprompts_per_iteration: 2\nnum_generations: 2\nmax_new_tokens: 3\n"
+        f"max_turns: 2\nmax_total_tokens: 48\nprogress: false\noutput_dir: {tmp_path / 'train'}\n"
+    )
+    code, _, err = run_cli(["train", "--config", str(config)])
+    assert code == 0, err
+    (row,) = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert 4 <= row["env/steps"] <= 8 and "value/loss" in row
+
+
 @pytest.mark.parametrize(
     ("lines", "overrides", "message"),
     [
         ("task: addition\n", [], "model is required"),
+        ("MODEL\nenv: alignkit/NoSuch-v0\n", [], "env 'alignkit/NoSuch-v0' is not a registered"),
+        ("MODEL\nenv: alignkit/GuessNumber-v0\ntask: addition\n", [], "env brings its own prompts"),
         ("model: /no/such/model\ntask: addition\n", [], "model '/no/such/model': no such folder"),
         ("MODEL\ntask: addition\n", ["lr=1e-4"], "unknown config key(s) ['lr']"),
         ("MODEL\ntask: addition\n", ["learning_rate=-1"], "learning_rate"),

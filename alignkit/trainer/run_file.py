@@ -9,6 +9,8 @@ A run config is one mapping (YAML, or JSON, which YAML reads too) of
     reward: mypkg.rewards:score    #     a .txt file of one prompt per line, or an inline list;
                                    #     reward: module:function, or a list of them
     reward_weights: [1.0, 0.1]     # one per reward function (default: all 1)
+    env: alignkit/GuessNumber-v0   # ... or env: a Gymnasium text env id (the env owns the reward),
+    env_kwargs: {high: 8}          #     with keyword arguments for gymnasium.make
     learning_rate: 1.0e-5          # ... and any other alignkit.RLConfig field
 
 ``key=value`` overrides apply after the file (values parsed as JSON when they parse). Every error
@@ -29,7 +31,7 @@ from ..demo import models, task
 from .config import RLConfig
 from .trainer import Trainer
 
-RUN_KEYS = ("model", "device", "task", "prompts", "reward", "reward_weights")
+RUN_KEYS = ("model", "device", "task", "prompts", "reward", "reward_weights", "env", "env_kwargs")
 TASKS = ("addition",)
 DEFAULT_OUTPUT = "alignkit-train"
 
@@ -46,6 +48,7 @@ class RunConfig:
     reward_weights: list[float] | None  # one per reward function
     rl: RLConfig  # everything else
     held_out: list[task.Problem] | None = None  # the task's held-out set (evaluated before and after)
+    env: Any = None  # an env factory (gymnasium.make of the env id), in place of prompts + rewards
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
@@ -128,6 +131,8 @@ def load(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     name = run.get("task")
     held_out = None
+    if "env" in run or "env_kwargs" in run:
+        return RunConfig(model, device, None, [], [], None, rl, env=_env_factory(run))
     if name is not None:
         if name not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {name!r}")
@@ -159,10 +164,32 @@ def load(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return RunConfig(model, device, name, prompts, rewards, weights, rl, held_out)
 
 
+def _env_factory(run: dict[str, Any]):
+    """``gymnasium.make(env, **env_kwargs)`` as a factory, the id and the keys checked first."""
+    others = [k for k in ("task", "prompts", "reward", "reward_weights") if k in run]
+    if others:
+        raise ValueError(
+            f"env brings its own prompts and reward: give env, or {' / '.join(others)}, not both"
+        )
+    env_id, kwargs = run.get("env"), run.get("env_kwargs", {})
+    if not isinstance(env_id, str):
+        raise ValueError(f"env must be a Gymnasium env id such as alignkit/GuessNumber-v0, got {env_id!r}")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"env_kwargs must be a mapping of keyword arguments, got {kwargs!r}")
+    from .env_rollouts import env_factory
+
+    env_factory(env_id)  # registered? (ValueError names the id)
+    import gymnasium
+
+    return lambda: gymnasium.make(env_id, **kwargs)
+
+
 def build(run: RunConfig) -> Trainer:
     """Load the model and tokenizer and construct the trainer (ValueError when loading fails)."""
     device = models.resolve_device(run.device)
     model, tokenizer = models.load_pretrained(run.model, device=device)
+    if run.env is not None:
+        return Trainer(model, tokenizer, env=run.env, config=run.rl)
     return Trainer(model, tokenizer, reward_fn=run.rewards, prompts=run.prompts, config=run.rl,
                    reward_weights=run.reward_weights)  # fmt: skip
 
