@@ -18,7 +18,15 @@ Kernels:
   then dropped. Splits write partial (m, s, u, z_label), combined on the host (O(N) work).
 * ``_fused_linear_logprobs_bwd_kernel``: recomputes a (BLOCK_N, BLOCK_V) logits tile from the
   saved lse / H and writes dz for one chunk of rows; the host turns the (chunk, V) dz block into
-  d hidden = dz @ W and d weight += dz^T h with two matmuls, then reuses the buffer.
+  d hidden = dz @ W and d weight += dz^T h with two matmuls, then reuses the buffer. d weight
+  sums in an fp32 (V, H) buffer, cast to the weight's dtype once at the end.
+
+Precision of the dots (:func:`dot_precision`): fp16 / bf16 operands multiply exactly into fp32
+accumulators. fp32 operands follow ``torch.get_float32_matmul_precision()``, like torch's own fp32
+matmuls: ``"highest"`` (torch's default) -> ``input_precision="ieee"`` (exact products, FMA units),
+``"high"`` / ``"medium"`` -> ``"tf32"`` (tensor cores). The op resolves it once in the forward and
+reuses it in the backward. fp32 autotunes over its own smaller tiles (``_CONFIGS_FP32``): the bf16
+tiles spill registers with fp32 operands and compile slowly in ieee.
 
 Labels outside [0, V) that are not ``ignore_index`` give NaN (never a plausible wrong number).
 Inputs: fp16 / bf16 / fp32 (fp32 accumulation); fp64 is served by the CPU implementation.
@@ -41,11 +49,15 @@ NAN = tl.constexpr(float("nan"))
 
 @triton.jit
 def _online_update(m, s, u, z, valid):
-    # Fold a (ROWS, BLOCK_V) tile of scaled logits into the running (m, s, u) of each row.
-    z = tl.where(valid, z, NEG_BIG)
+    # Fold a (ROWS, BLOCK_V) tile of scaled logits into the running (m, s, u) of each row. Invalid
+    # entries become -inf, so exp gives exactly 0 for them and `valid` dies here (registers: on
+    # sm_90 each (BLOCK_N, BLOCK_V) fp32 temporary held across the row reductions costs
+    # BLOCK_N * BLOCK_V / threads registers per thread). m starts finite (NEG_BIG), so
+    # z - m_new is never inf - inf.
+    z = tl.where(valid, z, -float("inf"))
     m_new = tl.maximum(m, tl.max(z, axis=1))
     shifted = z - m_new[:, None]
-    e = tl.where(valid, tl.exp(shifted), 0.0)
+    e = tl.exp(shifted)
     alpha = tl.exp(m - m_new)
     # 0 * log 0 = 0: a logit of -inf (masked vocabulary) must not turn the sum into NaN.
     u = alpha * (u + (m - m_new) * s) + tl.sum(e * tl.where(e > 0, shifted, 0.0), axis=1)
@@ -100,8 +112,8 @@ def _token_logprobs_fwd_kernel(
         offs_v = start + tl.arange(0, BLOCK_V)
         valid = offs_v < V
         z = tl.load(row + offs_v, mask=valid, other=0.0).to(tl.float32)[None, :] * inv_temp
-        m, s, u = _online_update(m, s, u, z, valid[None, :] & ~(z < floor[:, None]))
         z_label += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+        m, s, u = _online_update(m, s, u, z, valid[None, :] & ~(z < floor[:, None]))
     log_s = tl.log(s)
     logp = tl.where(z_label < floor, -float("inf"), (z_label - m) - log_s)
     ent = log_s - u / s
@@ -260,8 +272,8 @@ def _fused_linear_logprobs_fwd_kernel(
             h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temp,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
         )  # fmt: skip
-        m, s, u = _online_update(m, s, u, z, (offs_v < V)[None, :] & ~(z < floor[:, None]))
         z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
+        m, s, u = _online_update(m, s, u, z, (offs_v < V)[None, :] & ~(z < floor[:, None]))
     out = split * N + offs_n
     keep = offs_n < N
     tl.store(m_ptr + out, m, mask=keep)
@@ -304,24 +316,36 @@ def _fused_linear_logprobs_bwd_kernel(
     )
 
 
+# Autotune configs of the fused kernels, (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the
+# first is the pinned one (ALIGNKIT_PIN_CONFIG). Each compiles for sm_90 without register spills
+# (tests/compile_kernels_sm90.py fails on a spilling config; it reports registers per config): on
+# sm_90 a (BLOCK_N, BLOCK_V) fp32 tile costs BLOCK_N * BLOCK_V / (32 * num_warps) registers per
+# thread for each copy the online softmax keeps live, so 128 x 256 tiles spill at 8 warps and
+# every 4-warp config with 8192-element tiles spills; they were dropped.
+_CONFIGS_16BIT = [
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (64, 128, 64, 8, 3),
+]
+# fp32 operands (input_precision "ieee" or "tf32", see dot_precision): smaller tiles. An ieee fp32
+# dot is FMA-based and holds its operands in registers, so the bf16 tiles spill there by kilobytes
+# and take seconds to compile; these compile quickly and spill in neither precision.
+_CONFIGS_FP32 = [
+    (64, 128, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+]
+
+
 def _matmul_configs(dtype: torch.dtype = torch.bfloat16) -> list:
-    """Autotune configs for the fused kernels with ``dtype`` operands. The pipelined operand tiles
-    take ``(stages - 1) * (BLOCK_N + BLOCK_V) * BLOCK_H * itemsize`` bytes of shared memory: with fp32
-    operands (64, 256, 64) at 4 stages needs 245,760 B on sm_90 (> 232,448), so fp32 omits it."""
-    configs = []
-    for bn, bv, bh, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 256, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-    ]:
-        if dtype == torch.float32 and (bn, bv, bh, stages) == (64, 256, 64, 4):
-            continue
-        configs.append(
-            triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
-        )
-    return configs
+    """Autotune configs for the fused kernels with ``dtype`` operands (fp16 shares bf16's list). The
+    pipelined operand tiles take ``(stages - 1) * (BLOCK_N + BLOCK_V) * BLOCK_H * itemsize`` bytes
+    of shared memory, within sm_90's 232,448 for every config."""
+    table = _CONFIGS_FP32 if dtype == torch.float32 else _CONFIGS_16BIT
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
+        for bn, bv, bh, warps, stages in table
+    ]
 
 
 # Compiled (CUDA) launches autotune (the interpreter runs one small config, INTERPRETER_BLOCKS).
@@ -338,9 +362,10 @@ def _n_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), _MIN_N_BUCKET), _MAX_N_BUCKET)
 
 
-def _autotuned(kernel, dtype: torch.dtype, n: int):  # pragma: no cover - needs a GPU
+def _autotuned(kernel, dtype: torch.dtype, n: int, precision: str):  # pragma: no cover - needs a GPU
     dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16  # fp16 shares bf16's list
-    key = (kernel.__name__, dtype, _n_bucket(n))
+    # The precision is a constexpr the autotuner's key does not see: one tuner per precision.
+    key = (kernel.__name__, dtype, precision, _n_bucket(n))
     tuner = _AUTOTUNED.get(key)
     if tuner is None:
         # ALIGNKIT_PIN_CONFIG=1 keeps the first config (a first GPU run: no autotuning sweep).
@@ -352,12 +377,37 @@ def _autotuned(kernel, dtype: torch.dtype, n: int):  # pragma: no cover - needs 
 
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-_MAX_BLOCK_V = 256  # the largest BLOCK_V of _matmul_configs
+_MAX_BLOCK_V = max(max(c[1] for c in _CONFIGS_16BIT), max(c[1] for c in _CONFIGS_FP32))
+
+DOT_PRECISIONS = ("ieee", "tf32")
+# torch.get_float32_matmul_precision() -> the tl.dot input precision of fp32 operands.
+_FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 operands: exact fp32 products (the default would be tf32 on a GPU).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype, matmul_precision: str | None = None) -> str:
+    """The ``tl.dot`` input precision of the fused kernels for ``dtype`` operands.
+
+    fp32 follows ``matmul_precision`` (default: ``torch.get_float32_matmul_precision()``, read at
+    the call), as torch's own fp32 matmuls do: ``"highest"`` (torch's default) -> ``"ieee"``
+    (exact fp32 products, FMA units), ``"high"`` / ``"medium"`` -> ``"tf32"`` (tensor cores, 10-bit
+    mantissa products, fp32 accumulation). fp16 / bf16 operands are exact in the fp32 accumulator
+    whatever the setting: ``"tf32"`` is passed and has no effect on them.
+    """
+    if matmul_precision is None:
+        matmul_precision = torch.get_float32_matmul_precision()
+    if matmul_precision not in _FP32_DOT_PRECISION:
+        raise ValueError(
+            f"matmul_precision must be one of {sorted(_FP32_DOT_PRECISION)}, got {matmul_precision!r}"
+        )
+    return _FP32_DOT_PRECISION[matmul_precision] if dtype == torch.float32 else "tf32"
+
+
+def _resolve_precision(dtype: torch.dtype, input_precision: str | None) -> str:
+    if input_precision is None:
+        return dot_precision(dtype)
+    if input_precision not in DOT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {DOT_PRECISIONS} or None, got {input_precision!r}")
+    return input_precision if dtype == torch.float32 else "tf32"
 
 
 def _interpreter_operands(hidden, weight, bias):
@@ -384,9 +434,13 @@ def fused_linear_logprobs_fwd(
     logit_floor: torch.Tensor | None = None,
     splits: int | None = None,
     blocks: dict | None = None,
+    input_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,), optional fp32 logit floor (N,)
     -> fp32 logp, entropy, lse.
+
+    ``input_precision`` (``"ieee"`` / ``"tf32"``) of fp32 dots; default :func:`dot_precision`
+    (``torch.get_float32_matmul_precision()``). Ignored for fp16 / bf16.
 
     ``splits`` cuts the vocabulary into that many ranges run by separate programs (more
     parallelism for small N); default: enough programs to fill the GPU twice. ``blocks``
@@ -396,6 +450,7 @@ def fused_linear_logprobs_fwd(
     vocab = weight.shape[0]
     assert hidden.stride(1) == 1 and weight.stride(1) == 1 and labels.is_contiguous()
     assert hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    precision = _resolve_precision(hidden.dtype, input_precision)
     hidden, weight, bias = _interpreter_operands(hidden, weight, bias)
     device = hidden.device
     if n == 0:
@@ -423,13 +478,13 @@ def fused_linear_logprobs_fwd(
     flags = {
         "HAS_BIAS": bias is not None,
         "HAS_FLOOR": logit_floor is not None,
-        "DOT_PRECISION": _dot_precision(hidden.dtype),
+        "DOT_PRECISION": precision,
     }
     with device_guard(hidden):
         if blk:
             _fused_linear_logprobs_fwd_kernel[(triton.cdiv(n, blk["BLOCK_N"]), splits)](*args, **flags, **blk)
         else:  # pragma: no cover - autotuned, needs a GPU
-            kernel = _autotuned(_fused_linear_logprobs_fwd_kernel, hidden.dtype, n)
+            kernel = _autotuned(_fused_linear_logprobs_fwd_kernel, hidden.dtype, n, precision)
             kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
     return _combine(m, s, u, z_label, labels, vocab, ignore_index, logit_floor)
 
@@ -456,7 +511,7 @@ def _combine(m, s, u, z_label, labels, vocab: int, ignore_index: int, logit_floo
 
 def default_chunk_rows(n: int, hdim: int, vocab: int) -> int:
     """Rows per backward chunk: a (chunk, V) dz block about the size of hidden (N, H), at least
-    1024 rows (matmul efficiency, few roundings of d weight), a multiple of 128."""
+    1024 rows (the reduction depth of the d weight matmul), a multiple of 128."""
     rows = max(1024, triton.cdiv(n * hdim, vocab))
     return min(triton.cdiv(rows, 128) * 128, max(n, 1))
 
@@ -476,25 +531,29 @@ def fused_linear_logprobs_bwd(
     chunk_rows: int | None = None,
     logit_floor: torch.Tensor | None = None,
     blocks: dict | None = None,
+    input_precision: str | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d hidden, d weight, d bias) from the upstream ``g_logp`` / ``g_ent`` (N,) fp32. Rows whose
     label is ``ignore_index`` or whose upstream gradients are both 0 contribute exactly nothing,
     whatever their hidden states hold (the same contract as the CPU implementation).
 
     Per chunk of rows the kernel writes dz (chunk, V) in the input dtype (fp32 products for
-    fp32); d hidden = dz @ W and d weight += dz^T h are matmuls on that block. d bias
-    accumulates in fp32; d weight in the weight's dtype (one rounding per chunk).
+    fp32, in ``input_precision`` as in the forward); d hidden = dz @ W and d weight += dz^T h are
+    matmuls on that block. d bias and d weight accumulate over the chunks in fp32 and are cast to
+    the parameters' dtype once at the end (:func:`accumulate_weight_grad`): for 16-bit weights
+    that is a transient fp32 (V, H) buffer, twice the weight's size.
     """
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     need_h, need_w, need_b = needs
     device = hidden.device
     dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    precision = _resolve_precision(hidden.dtype, input_precision)
     hidden, weight, bias = _interpreter_operands(hidden, weight, bias)
     d_hidden = torch.empty_like(hidden) if need_h else None
-    # d weight accumulates in the weight's dtype: each chunk's matmul sums in fp32 and rounds
-    # once (an fp32 accumulator would need an fp32 copy of a (V, H) matmul result per chunk).
-    d_weight = torch.zeros_like(weight) if need_w else None
+    # Rounding the running sum to bf16 once per chunk (16 times at N = 16k) would lose the small
+    # late contributions and read-modify-write the whole bf16 weight each time: the sum is fp32.
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
     need_b = need_b and bias is not None
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
     chunk_rows = chunk_rows or default_chunk_rows(n, hdim, vocab)
@@ -502,6 +561,11 @@ def fused_linear_logprobs_bwd(
     dz_buffer = torch.empty((min(chunk_rows, n), vocab), dtype=hidden.dtype, device=device)
     g_logp, g_ent = g_logp.contiguous(), g_ent.contiguous()
     active = (labels != ignore_index) & ((g_logp != 0) | (g_ent != 0))  # (N,)
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "HAS_FLOOR": logit_floor is not None,
+        "DOT_PRECISION": precision,
+    }
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         rows = stop - start
@@ -514,18 +578,13 @@ def fused_linear_logprobs_bwd(
             rows, vocab, hdim, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
             ignore_index,
         )  # fmt: skip
-        flags = {
-            "HAS_BIAS": bias is not None,
-            "HAS_FLOOR": logit_floor is not None,
-            "DOT_PRECISION": _dot_precision(hidden.dtype),
-        }
         with device_guard(hidden):
             if blk:
                 _fused_linear_logprobs_bwd_kernel[
                     (triton.cdiv(rows, blk["BLOCK_N"]), triton.cdiv(vocab, blk["BLOCK_V"]))
                 ](*args, **flags, **blk)
             else:  # pragma: no cover - autotuned, needs a GPU
-                kernel = _autotuned(_fused_linear_logprobs_bwd_kernel, hidden.dtype, rows)
+                kernel = _autotuned(_fused_linear_logprobs_bwd_kernel, hidden.dtype, rows, precision)
                 kernel[
                     lambda meta, r=rows: (
                         triton.cdiv(r, meta["BLOCK_N"]),
@@ -535,7 +594,7 @@ def fused_linear_logprobs_bwd(
         if d_hidden is not None:
             torch.mm(dz, weight, out=d_hidden[start:stop])
         if d_weight is not None:  # inactive rows of h may hold NaN: 0 * NaN must not reach d weight
-            d_weight.addmm_(dz.T, torch.where(active[start:stop, None], h, h.new_zeros(())))
+            accumulate_weight_grad(d_weight, dz, torch.where(active[start:stop, None], h, h.new_zeros(())))
         if d_bias is not None:
             d_bias += dz.sum(dim=0, dtype=torch.float32)
     if d_hidden is not None:
@@ -545,3 +604,38 @@ def fused_linear_logprobs_bwd(
     if d_bias is not None:
         d_bias = d_bias.to(dtypes[2])
     return d_hidden, d_weight, d_bias
+
+
+# Per device type: whether torch.addmm(out_dtype=torch.float32) runs (16-bit operands, fp32 C:
+# cuBLAS adds the product into the fp32 sum in its epilogue). CUDA builds of recent torch have
+# it; CPU builds and older torch do not.
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
+def _mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    key = f"{device.type}:{dtype}"
+    if key not in _MIXED_ADDMM:
+        try:  # a 2 x 2 probe, once per process and device type: the result is checked, not trusted
+            a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device, dtype=dtype)
+            acc = torch.ones(2, 2, device=device, dtype=torch.float32)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            expected = torch.tensor([[8.0, 11.0], [16.0, 23.0]], device=device)
+            _MIXED_ADDMM[key] = bool(torch.equal(acc, expected))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM[key] = False
+    return _MIXED_ADDMM[key]
+
+
+def accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc += dz^T h`` in place: acc (V, H) fp32, dz (rows, V) and h (rows, H) in the operands'
+    dtype. fp32 operands: one addmm. 16-bit operands: a 16-bit GEMM with an fp32 output that adds
+    into ``acc`` (``torch.addmm(..., out_dtype=torch.float32)``) where torch supports it, else the
+    chunk's product rounded once to 16 bits and added in fp32 (each chunk's contribution rounds,
+    never the running sum)."""
+    assert acc.dtype == torch.float32 and dz.dtype == h.dtype
+    if dz.dtype == torch.float32:
+        acc.addmm_(dz.T, h)
+    elif _mixed_addmm_works(acc.device, dz.dtype):
+        torch.addmm(acc, dz.T, h, out_dtype=torch.float32, out=acc)
+    else:
+        acc += torch.mm(dz.T, h)

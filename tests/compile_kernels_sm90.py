@@ -5,7 +5,15 @@ Triton interpreter, whose kernel objects cannot be compiled). Each variant mirro
 launcher passes on CUDA: argument dtypes (bool masks arrive as uint8), constexpr flags, tile sizes,
 autotune configs, and Triton's runtime specialisation (an int argument equal to 1 becomes the
 constant 1; pointers and ints divisible by 16 carry ``tt.divisibility``). Prints one line per
-variant; exits 1 listing every failure. ``python tests/compile_kernels_sm90.py [--jobs N] [FILTER]``
+variant with the registers per thread and spills of its sm_90 binary; exits 1 listing every failure.
+
+Resources: ``CompiledKernel.n_regs`` / ``n_spills`` are filled only when the binary is loaded onto a
+GPU (``driver.load_binary``: ``CU_FUNC_ATTRIBUTE_NUM_REGS`` and ``LOCAL_SIZE_BYTES / 4``); without
+one they stay None. The cubin itself is produced here (Triton runs ptxas, shipped in its wheel), so
+the same two numbers are read from it with ``cuobjdump --dump-resource-usage`` (also in the wheel):
+``n_regs = REG``, ``n_spills = STACK / 4`` (the per-thread stack frame, which in Triton kernels holds
+only register spills; Triton's own definition of n_spills). A variant that spills fails.
+``python tests/compile_kernels_sm90.py [--jobs N] [FILTER]``
 compiles the variants whose name contains FILTER.
 """
 
@@ -16,7 +24,10 @@ import os
 os.environ["TRITON_INTERPRET"] = "0"  # before triton (and alignkit.kernels) is imported
 
 import argparse
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -61,10 +72,22 @@ class Variant:
         return f"{self.kernel.__name__}[{self.label}]"
 
 
-def compile_variant(variant: Variant) -> tuple[str, str | None, float]:
-    """(name, error or None, seconds)."""
+@dataclass(frozen=True)
+class Result:
+    """What compiling one variant gave: an error, or the resources of its sm_90 binary."""
+
+    name: str
+    error: str | None
+    seconds: float
+    n_regs: int | None = None  # registers per thread
+    n_spills: int | None = None  # 4-byte words of stack per thread (Triton's n_spills)
+    shared: int | None = None  # bytes of shared memory per block
+
+
+def compile_variant(variant: Variant) -> Result:
     fn = variant.kernel
     start = time.perf_counter()
+    resources: dict[str, int] = {}
     try:
         if list(variant.args) != fn.arg_names:
             raise TypeError(f"arguments {list(variant.args)} do not match the kernel's {fn.arg_names}")
@@ -79,11 +102,44 @@ def compile_variant(variant: Variant) -> tuple[str, str | None, float]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION")
             compiled = triton.compile(src, target=TARGET, options=variant.options)
+        resources = binary_resources(compiled.asm["cubin"], compiled.metadata.name)
+        resources["shared"] = compiled.metadata.shared
         if compiled.metadata.shared > SMEM_LIMIT:
             raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory (> {SMEM_LIMIT})")
+        if resources["n_spills"] > 0:
+            regs, spills = resources["n_regs"], resources["n_spills"]
+            raise RuntimeError(
+                f"spills registers: {regs} registers and {4 * spills} bytes of stack per thread "
+                f"(n_spills={spills}); drop or shrink this config"
+            )
     except Exception as exc:
-        return variant.name, _describe(exc), time.perf_counter() - start
-    return variant.name, None, time.perf_counter() - start
+        return Result(variant.name, _describe(exc), time.perf_counter() - start, **resources)
+    return Result(variant.name, None, time.perf_counter() - start, **resources)
+
+
+_RESOURCE_LINE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)")
+
+
+def _cuobjdump() -> str:
+    tool = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    tool = getattr(tool, "cuobjdump", None) if tool is not None else None
+    if tool is None:  # pragma: no cover - every supported triton ships it (3.6 and later)
+        raise RuntimeError("cuobjdump not found: triton.knobs.nvidia.cuobjdump is missing")
+    return tool.path
+
+
+def binary_resources(cubin: bytes, kernel_name: str) -> dict[str, int]:
+    """``n_regs`` and ``n_spills`` of ``kernel_name`` in an sm_90 cubin (see the module docstring)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    for name, regs, stack in _RESOURCE_LINE.findall(out):
+        if name == kernel_name:
+            return {"n_regs": int(regs), "n_spills": int(stack) // 4}
+    raise RuntimeError(f"no resource usage for {kernel_name} in cuobjdump's output: {out[:500]!r}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -228,26 +284,30 @@ def logprobs_variants() -> Iterator[Variant]:
             },
         )  # fmt: skip
     # Fused lm_head kernels: autotuned on CUDA over _matmul_configs(dtype); every config in bf16
-    # (without bias) and in fp32 (DOT_PRECISION="ieee", its own list; the first with a bias), then
-    # fp16 with a bias on the last config. Shared memory is checked against the sm_90 limit.
+    # (without bias), every fp32 config (its own list) in both dot precisions (dot_precision: "ieee"
+    # for torch's "highest", "tf32" for "high" / "medium"; the first with a bias), then fp16 with a
+    # bias on the last config. Shared memory is checked against the sm_90 limit, spills fail.
     configs = logprobs._matmul_configs(torch.bfloat16)
-    cases = [("bf16", False, cfg) for cfg in configs]
-    cases += [("fp32", i == 0, cfg) for i, cfg in enumerate(logprobs._matmul_configs(torch.float32))]
-    cases += [("fp16", True, configs[-1])]
-    for i, (x, has_bias, cfg) in enumerate(cases):
+    cases = [("bf16", False, cfg, "tf32") for cfg in configs]
+    for precision in logprobs.DOT_PRECISIONS:
+        fp32_configs = logprobs._matmul_configs(torch.float32)
+        cases += [("fp32", i == 0, cfg, precision) for i, cfg in enumerate(fp32_configs)]
+    cases += [("fp16", True, configs[-1], "tf32")]
+    for i, (x, has_bias, cfg, precision) in enumerate(cases):
         has_floor = i % 2 == 1  # both branches of the logit floor, across configs and dtypes
         # Sizes divisible by 16 (hidden 4096 ...), except fp16, which stands for vocab 50257 / odd H.
         label = ",".join(
             [f"x={x}", f"HAS_BIAS={has_bias}", f"HAS_FLOOR={has_floor}"]
             + [f"{k}={v}" for k, v in cfg.kwargs.items()]
             + [f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"]
+            + ([f"DOT_PRECISION={precision}"] if x == "fp32" else [])
         )
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         flags = {
             "HAS_BIAS": Const(has_bias),
             "HAS_FLOOR": Const(has_floor),
             **{k: Const(v) for k, v in cfg.kwargs.items()},
-            "DOT_PRECISION": Const("ieee" if x == "fp32" else "tf32"),
+            "DOT_PRECISION": Const(precision),
         }
         operands = {
             "h_ptr": _ptr(x), "w_ptr": _ptr(x), "b_ptr": _ptr(x), "labels_ptr": "*i64", "floor_ptr": "*fp32"
@@ -443,11 +503,17 @@ def uncovered(variants: list[Variant]) -> list[str]:
 _WORKER_VARIANTS: list[Variant] = []
 
 
-def _compile_index(index: int) -> tuple[str, str | None, float]:
+def _compile_index(index: int) -> Result:
     # Workers rebuild the variant list (JIT functions do not pickle) and compile by index.
     if not _WORKER_VARIANTS:
         _WORKER_VARIANTS.extend(all_variants())
     return compile_variant(_WORKER_VARIANTS[index])
+
+
+def _resources(result: Result) -> str:
+    if result.n_regs is None:
+        return f"{'':23}"
+    return f"regs={result.n_regs:3d} spills={result.n_spills:<4d} smem={result.shared // 1024:3d}K"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,13 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             results = list(pool.map(_compile_index, chosen))
     else:
         results = [compile_variant(variants[i]) for i in chosen]
-    for name, error, seconds in results:
+    for result in results:
         print(
-            f"{'ok  ' if error is None else 'FAIL'} {seconds:5.1f}s  {name}"
-            + (f"\n      {error}" * bool(error))
+            f"{'ok  ' if result.error is None else 'FAIL'} {result.seconds:5.1f}s  {_resources(result)}  "
+            f"{result.name}" + (f"\n      {result.error}" * bool(result.error))
         )
-        if error is not None:
-            failures.append(f"{name}: {error}")
+        if result.error is not None:
+            failures.append(f"{result.name}: {result.error}")
     wall = time.perf_counter() - start
     print(f"{len(results)} variants for {TARGET} in {wall:.1f}s, {len(failures)} failures")
     for failure in failures:

@@ -654,7 +654,8 @@ def test_fp64_on_the_triton_backend_takes_the_exact_path(backend, backend_device
 
 def test_matmul_configs_fit_sm90_shared_memory():
     """Pipelined operand tiles take (stages - 1) (BLOCK_N + BLOCK_V) BLOCK_H itemsize bytes of shared
-    memory; every autotune config fits sm_90's 232,448 (fp32's list omits (64, 256, 64) x 4 stages)."""
+    memory; every autotune config fits sm_90's 232,448. fp32 has its own list of smaller tiles (ieee
+    and tf32 fp32 dots spill and compile slowly at the bf16 sizes)."""
     for dtype, itemsize in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):
         configs = kernels._matmul_configs(dtype)
         assert configs
@@ -663,7 +664,88 @@ def test_matmul_configs_fit_sm90_shared_memory():
             smem = (cfg.num_stages - 1) * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_H"] * itemsize
             assert smem <= 232_448, (dtype, cfg)
             assert kw["BLOCK_V"] <= kernels._MAX_BLOCK_V
-    assert len(kernels._matmul_configs(torch.float32)) == len(kernels._matmul_configs(torch.bfloat16)) - 1
+    volume = [
+        [c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_H"] for c in kernels._matmul_configs(d)]
+        for d in (torch.float32, torch.bfloat16)
+    ]
+    assert max(volume[0]) < volume[1][0]  # every fp32 tile smaller than the pinned bf16 one
+    assert all(c.kwargs["BLOCK_H"] <= 32 for c in kernels._matmul_configs(torch.float32))
+
+
+@pytest.fixture
+def matmul_precision():
+    """Set torch's fp32 matmul precision for one test, restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+def test_dot_precision_follows_torch_setting(matmul_precision):
+    """fp32 dots: "highest" -> ieee, "high" / "medium" -> tf32 (tensor cores); 16-bit: tf32 (no
+    effect: their products are exact in fp32)."""
+    for setting, expected in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        matmul_precision(setting)
+        assert kernels.dot_precision(torch.float32) == expected
+        assert kernels.dot_precision(torch.float32, setting) == expected
+        assert kernels.dot_precision(torch.bfloat16) == kernels.dot_precision(torch.float16) == "tf32"
+    matmul_precision("high")
+    assert kernels.dot_precision(torch.float32, "highest") == "ieee"  # an explicit setting wins
+    with pytest.raises(ValueError, match="matmul_precision"):
+        kernels.dot_precision(torch.float32, "fast")
+    hidden, weight = torch.randn(3, 16), torch.randn(20, 16)
+    labels = torch.randint(0, 20, (3,))
+    with pytest.raises(ValueError, match="input_precision"):
+        kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE, input_precision="x")
+
+
+@pytest.mark.parametrize("setting", ["high", "highest"])
+def test_fused_precision_resolved_at_forward(monkeypatch, matmul_precision, setting):
+    """The op picks the precision once, in the forward, and the backward reuses it even when the
+    setting has changed in between (autograd may run backward outside the caller's context)."""
+    seen = []
+    for name in ("fused_linear_logprobs_fwd", "fused_linear_logprobs_bwd"):
+        real = getattr(kernels, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs["input_precision"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    hidden = torch.randn(9, 24, requires_grad=True)
+    weight = torch.randn(50, 24, requires_grad=True)
+    labels = make_labels((9,), 50)
+    matmul_precision(setting)
+    logp = alignkit.fused_linear_logprobs(hidden, weight, labels, backend="triton")
+    matmul_precision("medium" if setting == "highest" else "highest")
+    logp.sum().backward()
+    expected = kernels.dot_precision(torch.float32, setting)
+    assert seen == [expected, expected]
+    # under the interpreter both precisions compute exact fp32 products: the oracle still holds
+    lp_exact, _ = ref_logprobs(hidden.detach().double() @ weight.detach().double().T, labels)
+    assert max_err(logp, lp_exact) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_accumulates_in_fp32(dtype):
+    """d weight sums its row chunks in fp32 and rounds once: over many chunks its error stays at
+    one rounding of the total, where a 16-bit running sum rounds at every chunk."""
+    vocab, hdim, chunks, rows = 12, 8, 64, 16
+    dz = [torch.randn(rows, vocab).to(dtype) for _ in range(chunks)]
+    h = [torch.randn(rows, hdim).to(dtype) for _ in range(chunks)]
+    acc = torch.zeros(vocab, hdim)
+    for a, b in zip(dz, h, strict=True):
+        kernels.accumulate_weight_grad(acc, a, b)
+    exact = sum(a.double().T @ b.double() for a, b in zip(dz, h, strict=True))
+    running = torch.zeros(vocab, hdim, dtype=dtype)  # the former scheme: a 16-bit running sum
+    for a, b in zip(dz, h, strict=True):
+        running.addmm_(a.T, b)
+    assert acc.dtype == torch.float32
+    err, err_running = max_err(acc, exact), max_err(running, exact)
+    scale = exact.abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * scale
+    else:
+        assert err <= 1e-2 * scale and err < err_running / 2, (err, err_running)
 
 
 def test_autotune_rows_bucket():

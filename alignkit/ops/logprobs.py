@@ -80,38 +80,46 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         ctx, hidden, weight, bias, labels, floor, temperature, ignore_index, chunk_size, triton, need_entropy
     ):
         # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64, floor (N,) or None
+        precision = None
         if triton:
             from ..kernels import logprobs as _kernels
 
+            # fp32 dots follow torch.get_float32_matmul_precision() as it is now, in the forward
+            # and (saved) in the backward, which may run outside the caller's setting.
+            precision = _kernels.dot_precision(hidden.dtype)
             logp, ent, lse = _kernels.fused_linear_logprobs_fwd(
-                hidden, weight, bias, labels, temperature, ignore_index, logit_floor=floor
-            )
+                hidden, weight, bias, labels, temperature, ignore_index, logit_floor=floor,
+                input_precision=precision,
+            )  # fmt: skip
         else:
             logp, ent, lse = _cpu.fused_linear_logprobs_fwd(
                 hidden, weight, bias, labels, temperature, ignore_index, chunk_size, need_entropy, floor
             )
         ctx.save_for_backward(hidden, weight, bias, labels, floor, lse, ent)
-        ctx.args = (temperature, ignore_index, chunk_size, triton)
+        ctx.args = (temperature, ignore_index, chunk_size, triton, precision)
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, bias, labels, floor, lse, ent = ctx.saved_tensors
-        temperature, ignore_index, chunk_size, triton = ctx.args
+        temperature, ignore_index, chunk_size, triton, precision = ctx.args
         needs = tuple(ctx.needs_input_grad[:3])
         if not any(needs) or (g_logp is None and g_ent is None):
             return (None,) * 10
         g_logp, g_ent = _grad_or_zeros(g_logp, lse), _grad_or_zeros(g_ent, lse)
-        backward = _cpu.fused_linear_logprobs_bwd
         if triton:
             from ..kernels import logprobs as _kernels
 
-            backward = _kernels.fused_linear_logprobs_bwd
-        grads = backward(
-            hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
-            chunk_size, logit_floor=floor,
-        )  # fmt: skip
+            grads = _kernels.fused_linear_logprobs_bwd(
+                hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
+                chunk_size, logit_floor=floor, input_precision=precision,
+            )  # fmt: skip
+        else:
+            grads = _cpu.fused_linear_logprobs_bwd(
+                hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
+                chunk_size, logit_floor=floor,
+            )  # fmt: skip
         return (*grads, None, None, None, None, None, None, None)
 
 
