@@ -197,6 +197,10 @@ class Trainer:
             and not cfg.kl_in_reward
             and cfg.rollout_correction is None
         )
+        # Replicas start equal (rank 0's weights), before the reference copies them.
+        distributed.broadcast_parameters(
+            [self.model] + ([self.value_model] if self.value_model is not None else [])
+        )
         # The KL reference: the given model, the base with the LoRA adapters off, or a frozen copy.
         self.ref_model = None
         self.reference_is_base = cfg.kl_coef > 0 and ref_model is None and self.peft_model is not None
@@ -221,7 +225,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             groups, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
-        distributed.broadcast_parameters([self.model] + ([self.value_model] if self.value_model else []))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
