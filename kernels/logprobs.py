@@ -15,7 +15,9 @@ Kernels:
   logits, looping over V tiles; the backward may write d logits over the logits (in place).
 * ``_fused_linear_logprobs_fwd_kernel``: (BLOCK_N tokens) x (a split of the vocabulary) per
   program; each logits tile is ``tl.dot`` over H in fp32 and folded into the online statistics,
-  then dropped. Splits write partial (m, s, u, z_label), combined on the host (O(N) work).
+  then dropped. Splits write partial (m, s, u, z_label), combined on the host (O(N) work). The
+  number of splits keeps the last wave of programs full (:func:`forward_splits`), and a GROUP_N
+  swizzle of the 1-D grid makes co-resident programs share row blocks of hidden.
 * ``_fused_linear_logprobs_bwd_kernel``: recomputes a (BLOCK_N, BLOCK_V) logits tile from the
   saved lse / H and writes dz for one chunk of rows; the host turns the (chunk, V) dz block into
   d hidden = dz @ W and d weight += dz^T h with two matmuls, then reuses the buffer. d weight
@@ -33,6 +35,8 @@ Inputs: fp16 / bf16 / fp32 (fp32 accumulation); fp64 is served by the CPU implem
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -248,15 +252,29 @@ def _logits_tile(
 @triton.jit
 def _fused_linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, floor_ptr, m_ptr, s_ptr, u_ptr, zl_ptr,
-    N, V, H, stride_hn, stride_wv, inv_temp, split_cols,
+    N, V, H, stride_hn, stride_wv, inv_temp, max_splits,
     HAS_BIAS: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Program (pid_n, split): rows [pid_n BLOCK_N, +BLOCK_N) over vocabulary tiles
-    # [split * split_cols, +split_cols) (a multiple of BLOCK_V). Writes partial (m, s, u, z_label) to row
-    # `split` of the (splits, N) buffers; the host combines the splits.
-    pid_n = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
+    # A 1-D grid of row_blocks x splits programs (the host picks splits: forward_splits). Program
+    # (pid_n, split) takes rows [pid_n BLOCK_N, +BLOCK_N) over the split-th range of
+    # ceil(tiles / splits) vocabulary tiles of BLOCK_V columns, and writes partial (m, s, u, z_label)
+    # to row `split` of the (max_splits, N) buffers; the host combines the rows.
+    #
+    # GROUP_N swizzle (grouped ordering of Triton's matmul tutorial; Apple's CCE): consecutive
+    # program ids, which run at the same time, walk GROUP_N row blocks fastest, then the splits, so
+    # co-resident programs share GROUP_N row blocks of hidden (re-read from L2, not HBM, for every
+    # vocabulary tile) and few weight splits. A bijection: the result does not depend on GROUP_N.
+    #   pid -> group = pid // (GROUP_N splits), rows of the group = min(GROUP_N, row_blocks - first)
+    #   pid_n = first + (pid mod GROUP_N splits) mod rows,  split = (pid mod GROUP_N splits) // rows
+    pid = tl.program_id(0).to(tl.int64)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    splits = tl.num_programs(0).to(tl.int64) // row_blocks
+    in_group = GROUP_N * splits
+    first = (pid // in_group) * GROUP_N
+    group_rows = tl.minimum(row_blocks - first, GROUP_N)
+    pid_n = first + (pid % in_group) % group_rows
+    split = (pid % in_group) // group_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     labels = tl.load(labels_ptr + offs_n, mask=offs_n < N, other=-1)
     floor = _row_floor(floor_ptr, offs_n, offs_n < N, HAS_FLOOR)
@@ -264,8 +282,9 @@ def _fused_linear_logprobs_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     u = tl.zeros((BLOCK_N,), tl.float32)
     z_label = tl.zeros((BLOCK_N,), tl.float32)
+    split_cols = tl.cdiv(tl.cdiv(V, BLOCK_V), splits) * BLOCK_V
     v_start = split * split_cols
-    v_stop = tl.minimum(v_start + split_cols, V)
+    v_stop = tl.minimum(v_start + split_cols, V)  # an empty range (v_start >= V) leaves the neutral stats
     for v in range(v_start, v_stop, BLOCK_V):
         offs_v = v + tl.arange(0, BLOCK_V)
         z = _logits_tile(
@@ -274,12 +293,21 @@ def _fused_linear_logprobs_fwd_kernel(
         )  # fmt: skip
         z_label += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
         m, s, u = _online_update(m, s, u, z, (offs_v < V)[None, :] & ~(z < floor[:, None]))
-    out = split * N + offs_n
     keep = offs_n < N
+    out = split * N + offs_n
     tl.store(m_ptr + out, m, mask=keep)
     tl.store(s_ptr + out, s, mask=keep)
     tl.store(u_ptr + out, u, mask=keep)
     tl.store(zl_ptr + out, z_label, mask=keep)
+    # Buffer rows [splits, max_splits) belong to no program of this launch (the host sizes the
+    # buffers for the autotune config with the most splits): they get the neutral statistics, which
+    # drop out of the combine, at every launch (autotuning runs configs into the same buffers).
+    for extra in range(split + splits, max_splits, splits):
+        out = extra * N + offs_n
+        tl.store(m_ptr + out, tl.full((BLOCK_N,), NEG_BIG, tl.float32), mask=keep)
+        tl.store(s_ptr + out, tl.zeros((BLOCK_N,), tl.float32), mask=keep)
+        tl.store(u_ptr + out, tl.zeros((BLOCK_N,), tl.float32), mask=keep)
+        tl.store(zl_ptr + out, tl.zeros((BLOCK_N,), tl.float32), mask=keep)
 
 
 @triton.jit
@@ -377,7 +405,54 @@ def _autotuned(kernel, dtype: torch.dtype, n: int, precision: str):  # pragma: n
 
 
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-_MAX_BLOCK_V = max(max(c[1] for c in _CONFIGS_16BIT), max(c[1] for c in _CONFIGS_FP32))
+
+# Row blocks per swizzle group of the forward grid (GROUP_N of _fused_linear_logprobs_fwd_kernel):
+# 8 row blocks of 128 rows x H = 4096 in bf16 are 8 MiB of hidden shared by the programs in flight,
+# well inside the 50 MiB L2 of an H100 / H200, as in Triton's matmul tutorial (GROUP_SIZE_M = 8).
+GROUP_N = 8
+# The SM count assumed where none can be read (no CUDA device, the interpreter): H100 / H200 SXM.
+DEFAULT_SM_COUNT = 132
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (CUDA), else :data:`DEFAULT_SM_COUNT`."""
+    if device.type == "cuda" and not interpreter_active():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+@functools.lru_cache(maxsize=1024)
+def forward_splits(n_rows: int, vocab: int, block_n: int, block_v: int, sm_count: int) -> int:
+    """Vocabulary splits of the fused forward for ``n_rows`` x ``vocab`` in (block_n, block_v) tiles
+    on ``sm_count`` SMs: the grid has ``row_blocks x splits`` programs, each running
+    ``ceil(tiles / splits)`` vocabulary tiles (``row_blocks = ceil(n_rows / block_n)``,
+    ``tiles = ceil(vocab / block_v)``).
+
+    Model: every program costs the same, one program is resident per SM (at 8 warps the pinned
+    configs hold 180-200 registers per thread, over half the register file; a config of <= 128
+    fits two, for which the model stays conservative), so a launch takes
+    ``waves x ceil(tiles / splits)`` tile-times with ``waves = ceil(programs / sm_count)``. Picks the
+    splits of least time, the fewest on ties, never a split with no tile: programs come out close
+    to a whole number of waves (N = 4096, V = 152064, 128 x 128 tiles, 132 SMs: 32 x 33 = 1056
+    programs, exactly 8 waves of 36 tiles, the ideal 32 x 1188 / 132 tile-times).
+    """
+    if min(block_n, block_v, sm_count) < 1 or n_rows < 0 or vocab < 1:
+        raise ValueError(
+            f"forward_splits needs n_rows >= 0, vocab >= 1 and positive block_n, block_v, sm_count; got "
+            f"n_rows={n_rows}, vocab={vocab}, block_n={block_n}, block_v={block_v}, sm_count={sm_count}"
+        )
+    row_blocks = -(-n_rows // block_n)
+    tiles = -(-vocab // block_v)
+    best_splits, best_time = 1, None
+    for splits in range(1, tiles + 1):  # O(tiles) integer steps (< 1 ms), cached per shape
+        tiles_per_split = -(-tiles // splits)
+        if -(-tiles // tiles_per_split) != splits:
+            continue  # a split would be empty: fewer splits of as many tiles take the same time
+        time = -(-row_blocks * splits // sm_count) * tiles_per_split
+        if best_time is None or time < best_time:
+            best_splits, best_time = splits, time
+    return best_splits
+
 
 DOT_PRECISIONS = ("ieee", "tf32")
 # torch.get_float32_matmul_precision() -> the tl.dot input precision of fp32 operands.
@@ -435,6 +510,7 @@ def fused_linear_logprobs_fwd(
     splits: int | None = None,
     blocks: dict | None = None,
     input_precision: str | None = None,
+    group_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,), optional fp32 logit floor (N,)
     -> fp32 logp, entropy, lse.
@@ -442,9 +518,11 @@ def fused_linear_logprobs_fwd(
     ``input_precision`` (``"ieee"`` / ``"tf32"``) of fp32 dots; default :func:`dot_precision`
     (``torch.get_float32_matmul_precision()``). Ignored for fp16 / bf16.
 
-    ``splits`` cuts the vocabulary into that many ranges run by separate programs (more
-    parallelism for small N); default: enough programs to fill the GPU twice. ``blocks``
-    (BLOCK_N / BLOCK_V / BLOCK_H) overrides the tile sizes (tests; disables autotuning).
+    ``splits`` cuts the vocabulary into that many ranges of whole BLOCK_V tiles, run by separate
+    programs (at most one per tile); default: :func:`forward_splits` for the launch's tiles and
+    :func:`sm_count` (no partial last wave). ``blocks`` (BLOCK_N / BLOCK_V / BLOCK_H) overrides the
+    tile sizes (tests; disables autotuning). ``group_n``: row blocks per swizzle group of the grid
+    (default :data:`GROUP_N`; any value gives the same result).
     """
     n, hdim = hidden.shape
     vocab = weight.shape[0]
@@ -457,35 +535,43 @@ def fused_linear_logprobs_fwd(
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty.clone(), empty.clone()
     blk = _blocks(blocks)
-    # Splits are whole multiples of the largest BLOCK_V any launch may use, so every tile of a
-    # split lies inside it whatever config the autotuner picks.
-    align = blk.get("BLOCK_V", _MAX_BLOCK_V)
-    if splits is None:
-        splits = 1
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            splits = triton.cdiv(2 * sms, triton.cdiv(n, 128))
-    splits = max(1, int(splits))
-    split_cols = triton.cdiv(triton.cdiv(vocab, splits), align) * align
-    splits = triton.cdiv(vocab, split_cols)
-    partial = torch.empty((4, splits, n), dtype=torch.float32, device=device)
+    sms = sm_count(device)
+
+    def splits_of(block_n: int, block_v: int) -> int:  # for one config's tiles
+        tiles = triton.cdiv(vocab, block_v)
+        if splits is None:
+            return forward_splits(n, vocab, block_n, block_v, sms)
+        return min(max(1, int(splits)), tiles)
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]) * splits_of(meta["BLOCK_N"], meta["BLOCK_V"]),)
+
+    kernel = _fused_linear_logprobs_fwd_kernel
+    if blk:
+        configs = [blk]
+    else:  # pragma: no cover - autotuned, needs a GPU
+        kernel = _autotuned(_fused_linear_logprobs_fwd_kernel, hidden.dtype, n, precision)
+        configs = [cfg.kwargs for cfg in kernel.configs]
+    # Sized for the config with the most splits; the kernel fills the rows its launch leaves.
+    max_splits = max(splits_of(c["BLOCK_N"], c["BLOCK_V"]) for c in configs)
+    partial = torch.empty((4, max_splits, n), dtype=torch.float32, device=device)
     m, s, u, z_label = partial.unbind(0)
     args = (
         hidden, weight, bias if bias is not None else hidden, labels,
         logit_floor if logit_floor is not None else m, m, s, u, z_label,
-        n, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature, split_cols,
+        n, vocab, hdim, hidden.stride(0), weight.stride(0), 1.0 / temperature, max_splits,
     )  # fmt: skip
     flags = {
         "HAS_BIAS": bias is not None,
         "HAS_FLOOR": logit_floor is not None,
+        "GROUP_N": GROUP_N if group_n is None else group_n,
         "DOT_PRECISION": precision,
     }
     with device_guard(hidden):
         if blk:
-            _fused_linear_logprobs_fwd_kernel[(triton.cdiv(n, blk["BLOCK_N"]), splits)](*args, **flags, **blk)
+            kernel[grid(blk)](*args, **flags, **blk)
         else:  # pragma: no cover - autotuned, needs a GPU
-            kernel = _autotuned(_fused_linear_logprobs_fwd_kernel, hidden.dtype, n, precision)
-            kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **flags)
+            kernel[grid](*args, **flags)
     return _combine(m, s, u, z_label, labels, vocab, ignore_index, logit_floor)
 
 

@@ -287,6 +287,8 @@ def logprobs_variants() -> Iterator[Variant]:
     # (without bias), every fp32 config (its own list) in both dot precisions (dot_precision: "ieee"
     # for torch's "highest", "tf32" for "high" / "medium"; the first with a bias), then fp16 with a
     # bias on the last config. Shared memory is checked against the sm_90 limit, spills fail.
+    # The forward's grid is 1-D with the GROUP_N swizzle at the launcher's GROUP_N; its max_splits
+    # (rows of the partial buffers) is a plain int, the constant 1 for fp16 (one split, small V).
     configs = logprobs._matmul_configs(torch.bfloat16)
     cases = [("bf16", False, cfg, "tf32") for cfg in configs]
     for precision in logprobs.DOT_PRECISIONS:
@@ -309,17 +311,20 @@ def logprobs_variants() -> Iterator[Variant]:
             **{k: Const(v) for k, v in cfg.kwargs.items()},
             "DOT_PRECISION": Const(precision),
         }
+        fwd_flags = {**flags, "GROUP_N": Const(logprobs.GROUP_N)}
+        fwd_flags["DOT_PRECISION"] = fwd_flags.pop("DOT_PRECISION")  # the kernel's parameter order
         operands = {
             "h_ptr": _ptr(x), "w_ptr": _ptr(x), "b_ptr": _ptr(x), "labels_ptr": "*i64", "floor_ptr": "*fp32"
         }  # fmt: skip
         sizes = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32"}
-        aligned = ("V", "H", "stride_hn", "stride_wv", "stride_dzn", "split_cols") if x != "fp16" else ()
+        aligned = ("V", "H", "stride_hn", "stride_wv", "stride_dzn") if x != "fp16" else ()
         yield Variant(
             logprobs._fused_linear_logprobs_fwd_kernel,
             label,
             {
                 **operands, "m_ptr": "*fp32", "s_ptr": "*fp32", "u_ptr": "*fp32", "zl_ptr": "*fp32",
-                **sizes, "inv_temp": "fp32", "split_cols": "i32", **flags,
+                **sizes, "inv_temp": "fp32", "max_splits": Const(1) if x == "fp16" else "i32",
+                **fwd_flags,
             },
             aligned=aligned,
             options=options,

@@ -315,6 +315,164 @@ def test_fused_kernel_vocabulary_splits(device, splits):
     assert all(t.device == hidden.device for t in many)
 
 
+def _launch_time(n_rows, vocab, block_n, block_v, sm_count, splits):
+    """Tile-times of a forward launch with ``splits`` splits, one resident program per SM (the
+    model of forward_splits, written plainly): whole waves x tiles of the longest program."""
+    row_blocks = -(-n_rows // block_n)
+    tiles = -(-vocab // block_v)
+    waves = -(-(row_blocks * splits) // sm_count)
+    return waves * -(-tiles // splits)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4096, 152064, 128, 128, 132),  # Qwen vocabulary, N = 4096: the case of issue 15
+        (4096, 151936, 64, 256, 132),
+        (16384, 152064, 128, 128, 132),
+        (300, 50257, 128, 128, 132),  # GPT-2 vocabulary, a partial row block
+        (1, 32000, 128, 64, 114),  # one row, H100 PCIe SM count
+        (2048, 129280, 128, 128, 78),
+        (37, 150, 16, 32, 132),  # the interpreter tests' shapes
+        (5, 1, 16, 32, 132),  # vocab of one
+    ],
+)
+def test_forward_splits_fill_whole_waves(shape):
+    """forward_splits picks the least launch time of all split counts (fewest on ties), never an
+    empty split, and beats the former choice (enough programs for two waves)."""
+    n, vocab, block_n, block_v, sms = shape
+    tiles = -(-vocab // block_v)
+    splits = kernels.forward_splits(n, vocab, block_n, block_v, sms)
+    assert 1 <= splits <= tiles
+    assert -(-tiles // -(-tiles // splits)) == splits  # every split gets at least one tile
+    times = {s: _launch_time(n, vocab, block_n, block_v, sms, s) for s in range(1, tiles + 1)}
+    best = min(times.values())
+    assert times[splits] == best and splits == min(s for s, t in times.items() if t == best)
+    former = min(-(-2 * sms // -(-n // 128)), tiles)
+    assert times[splits] <= times[former]
+
+
+def test_forward_splits_no_partial_last_wave_at_n4096():
+    """N = 4096, V = 152k, 128 x 128 tiles on 132 SMs: formerly 9 splits, 288 programs = 2.2 waves
+    run as 3; now a whole number of waves at the ideal time (N V / (tiles x SMs))."""
+    splits = kernels.forward_splits(4096, 152064, 128, 128, 132)
+    programs = 32 * splits
+    assert programs != 288 and programs % 132 == 0, programs
+    assert _launch_time(4096, 152064, 128, 128, 132, splits) == 32 * 1188 // 132
+    assert _launch_time(4096, 152064, 128, 128, 132, 9) == 3 * 132  # the former split: 37.5% slower
+    assert kernels.forward_splits(0, 10, 16, 32, 132) == 1
+    with pytest.raises(ValueError, match="sm_count"):
+        kernels.forward_splits(4, 10, 16, 32, 0)
+    assert kernels.sm_count(torch.device("cpu")) == kernels.DEFAULT_SM_COUNT == 132
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("splits", [None, 2, 3])
+def test_fused_forward_swizzle_does_not_change_results(backend, backend_device, splits):
+    """The GROUP_N swizzle is a bijection of program ids onto (row block, split): bit-identical
+    results for every GROUP_N (1 = no swizzle; 2 leaves a partial last group of row blocks), at odd
+    sizes (37 rows: a partial row block; V = 150 and H = 40: partial vocabulary and H tiles), and
+    all of them on the fp64 oracle."""
+    n, hdim, vocab = 37, 40, 150
+    dev = backend_device
+    hidden, weight = torch.randn(n, hdim, device=dev), torch.randn(vocab, hdim, device=dev) / 4
+    bias = torch.randn(vocab, device=dev)
+    labels = make_labels((n,), vocab).to(dev)
+    floor = torch.full((n,), -3.0, device=dev)
+    floor[::4] = -float("inf")
+    exact = ref_logprobs(hidden @ weight.T + bias, labels, 0.9)
+    results = [
+        kernels.fused_linear_logprobs_fwd(
+            hidden, weight, bias, labels, 0.9, IGNORE, splits=splits, group_n=group_n, logit_floor=floor
+        )
+        for group_n in (1, 2, 8)
+    ]
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+    unfloored = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 0.9, IGNORE, splits=splits)
+    for got, want in zip(unfloored[:2], exact, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize(("group_n", "sms"), [(2, 1), (1, 132), (8, 132)])
+def test_fused_linear_logprobs_split_grid_matches_fp64(monkeypatch, backend, backend_device, group_n, sms):
+    """The op through the new forward grid (one split on 1 SM; five, one per vocabulary tile, on
+    132; with and without the swizzle): logp, entropy and every gradient against the fp64 oracle."""
+    monkeypatch.setattr(kernels, "GROUP_N", group_n)
+    monkeypatch.setattr(kernels, "DEFAULT_SM_COUNT", sms)  # the interpreter's SM count
+    n, hdim, vocab = 37, 40, 150
+    dev = backend_device
+    hidden = torch.randn(n, hdim, device=dev, requires_grad=True)
+    weight = (torch.randn(vocab, hdim, device=dev) / hdim**0.5 * 3).requires_grad_()
+    bias = torch.randn(vocab, device=dev, requires_grad=True)
+    labels = make_labels((n,), vocab).to(dev)
+    params = [hidden, weight, bias]
+    g_logp, g_ent = (torch.randn(n, dtype=torch.float64, device=dev) for _ in range(2))
+    fast, (logp, ent) = grads_of(
+        lambda: alignkit.fused_linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=0.8, return_entropy=True, chunk_size=16,
+            backend=backend,
+        ),
+        params, g_logp, g_ent,
+    )  # fmt: skip
+    plain, (lp_plain, ent_plain) = grads_of(
+        lambda: ref_logprobs(hidden @ weight.T + bias, labels, 0.8, dtype=torch.float32),
+        params, g_logp, g_ent,
+    )  # fmt: skip
+    exact = [p.detach().double().requires_grad_() for p in params]
+    ref, (lp_exact, ent_exact) = grads_of(
+        lambda: ref_logprobs(exact[0] @ exact[1].T + exact[2], labels, 0.8), exact, g_logp, g_ent
+    )
+    assert_no_worse(logp, lp_plain, lp_exact, 1e-5, "logp")
+    assert_no_worse(ent, ent_plain, ent_exact, 1e-5, "entropy")
+    for name, f, p, e in zip(["d hidden", "d weight", "d bias"], fast, plain, ref, strict=True):
+        assert_no_worse(f, p, e, 5e-4, name)
+    check_invariants(logp, ent)
+
+
+class _SweepingTuner:
+    """Stands in for triton.autotune under the interpreter: launches every config in turn into the
+    same buffers, as autotuning does before it settles on one (here the last)."""
+
+    def __init__(self, configs):
+        self.configs = configs
+
+    def __getitem__(self, grid):
+        def launch(*args, **flags):
+            for cfg in self.configs:
+                meta = {**flags, **cfg.kwargs}
+                kernels._fused_linear_logprobs_fwd_kernel[grid(meta)](*args, **flags, **cfg.kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_autotuned_forward_configs_with_fewer_splits(monkeypatch, backend, backend_device):
+    """The partial buffers are sized for the config with the most splits; a launch with fewer (a
+    config of wider tiles, after autotuning ran another into the same buffers) fills the rows it
+    does not own with neutral statistics, so no stale split is counted twice."""
+    import triton
+
+    configs = [  # 10 splits of 16 columns, then 5 of 32 (V = 150, one wave of programs)
+        triton.Config({"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_H": 16}),
+        triton.Config({"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_H": 16}),
+    ]
+    n, hdim, vocab = 37, 24, 150
+    dev = backend_device
+    hidden, weight = torch.randn(n, hdim, device=dev), torch.randn(vocab, hdim, device=dev) / 3
+    labels = make_labels((n,), vocab).to(dev)
+    expected = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
+    assert kernels.forward_splits(n, vocab, 16, 16, 132) == 10
+    assert kernels.forward_splits(n, vocab, 32, 32, 132) == 5
+    monkeypatch.setattr(kernels, "_blocks", lambda blocks: {})
+    monkeypatch.setattr(kernels, "_autotuned", lambda *args: _SweepingTuner(configs))
+    got = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("temperature", [0.1, 10.0])
 def test_fused_linear_logprobs_extremes(backend, temperature):
     n, hdim, vocab = 9, 24, 90
@@ -663,7 +821,6 @@ def test_matmul_configs_fit_sm90_shared_memory():
             kw = cfg.kwargs
             smem = (cfg.num_stages - 1) * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_H"] * itemsize
             assert smem <= 232_448, (dtype, cfg)
-            assert kw["BLOCK_V"] <= kernels._MAX_BLOCK_V
     volume = [
         [c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_H"] for c in kernels._matmul_configs(d)]
         for d in (torch.float32, torch.bfloat16)
