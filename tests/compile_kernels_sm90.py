@@ -42,11 +42,11 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from alignkit import loss_layout as L
-from alignkit.kernels import gae, logprobs, ppo_loss, sampling
+from alignkit.kernels import fused_logprobs, gae, logprobs, ppo_loss, sampling
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232_448  # shared memory per block on sm_90: a kernel needing more compiles but fails to launch
-MODULES = (gae, logprobs, ppo_loss, sampling)
+MODULES = (gae, logprobs, fused_logprobs, ppo_loss, sampling)
 F32, F64 = tl.float32, tl.float64
 
 
@@ -283,16 +283,22 @@ def logprobs_variants() -> Iterator[Variant]:
                 "V": "i32", "stride_xn": "i32", "stride_dxn": "i32", **tail,
             },
         )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- fused_logprobs.py
+
+
+def fused_logprobs_variants() -> Iterator[Variant]:
     # Fused lm_head kernels: autotuned on CUDA over _matmul_configs(dtype); every config in bf16
     # (without bias), every fp32 config (its own list) in both dot precisions (dot_precision: "ieee"
     # for torch's "highest", "tf32" for "high" / "medium"; the first with a bias), then fp16 with a
     # bias on the last config. Shared memory is checked against the sm_90 limit, spills fail.
     # The forward's grid is 1-D with the GROUP_N swizzle at the launcher's GROUP_N; its max_splits
     # (rows of the partial buffers) is a plain int, the constant 1 for fp16 (one split, small V).
-    configs = logprobs._matmul_configs(torch.bfloat16)
+    configs = fused_logprobs._matmul_configs(torch.bfloat16)
     cases = [("bf16", False, cfg, "tf32") for cfg in configs]
-    for precision in logprobs.DOT_PRECISIONS:
-        fp32_configs = logprobs._matmul_configs(torch.float32)
+    for precision in fused_logprobs.DOT_PRECISIONS:
+        fp32_configs = fused_logprobs._matmul_configs(torch.float32)
         cases += [("fp32", i == 0, cfg, precision) for i, cfg in enumerate(fp32_configs)]
     cases += [("fp16", True, configs[-1], "tf32")]
     for i, (x, has_bias, cfg, precision) in enumerate(cases):
@@ -311,7 +317,7 @@ def logprobs_variants() -> Iterator[Variant]:
             **{k: Const(v) for k, v in cfg.kwargs.items()},
             "DOT_PRECISION": Const(precision),
         }
-        fwd_flags = {**flags, "GROUP_N": Const(logprobs.GROUP_N)}
+        fwd_flags = {**flags, "GROUP_N": Const(fused_logprobs.GROUP_N)}
         fwd_flags["DOT_PRECISION"] = fwd_flags.pop("DOT_PRECISION")  # the kernel's parameter order
         operands = {
             "h_ptr": _ptr(x), "w_ptr": _ptr(x), "b_ptr": _ptr(x), "labels_ptr": "*i64", "floor_ptr": "*fp32"
@@ -319,7 +325,7 @@ def logprobs_variants() -> Iterator[Variant]:
         sizes = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32"}
         aligned = ("V", "H", "stride_hn", "stride_wv", "stride_dzn") if x != "fp16" else ()
         yield Variant(
-            logprobs._fused_linear_logprobs_fwd_kernel,
+            fused_logprobs._fused_linear_logprobs_fwd_kernel,
             label,
             {
                 **operands, "m_ptr": "*fp32", "s_ptr": "*fp32", "u_ptr": "*fp32", "zl_ptr": "*fp32",
@@ -330,7 +336,7 @@ def logprobs_variants() -> Iterator[Variant]:
             options=options,
         )  # fmt: skip
         yield Variant(
-            logprobs._fused_linear_logprobs_bwd_kernel,
+            fused_logprobs._fused_linear_logprobs_bwd_kernel,
             label,
             {
                 **operands, "lse_ptr": "*fp32", "ent_ptr": "*fp32", "g_logp_ptr": "*fp32",
@@ -491,7 +497,13 @@ def sampling_variants() -> Iterator[Variant]:
 
 
 def all_variants() -> list[Variant]:
-    return [*gae_variants(), *logprobs_variants(), *ppo_loss_variants(), *sampling_variants()]
+    return [
+        *gae_variants(),
+        *logprobs_variants(),
+        *fused_logprobs_variants(),
+        *ppo_loss_variants(),
+        *sampling_variants(),
+    ]
 
 
 def uncovered(variants: list[Variant]) -> list[str]:

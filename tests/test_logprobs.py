@@ -11,6 +11,7 @@ from oracles import IGNORE, ref_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignkit
+from alignkit.kernels import fused_logprobs as fused_kernels
 from alignkit.kernels import logprobs as kernels
 
 
@@ -306,8 +307,8 @@ def test_fused_kernel_vocabulary_splits(device, splits):
     hidden, weight, bias = torch.randn(20, 40), torch.randn(250, 40) / 4, torch.randn(250)
     labels = make_labels((20,), 250)
     hidden, weight, bias, labels = (t.to(device) for t in (hidden, weight, bias, labels))
-    one = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=1)
-    many = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=splits)
+    one = fused_kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=1)
+    many = fused_kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 1.3, IGNORE, splits=splits)
     exact = ref_logprobs(hidden @ weight.T + bias, labels, 1.3)
     for a, b, e in zip(one[:2], many[:2], exact, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
@@ -342,7 +343,7 @@ def test_forward_splits_fill_whole_waves(shape):
     empty split, and beats the former choice (enough programs for two waves)."""
     n, vocab, block_n, block_v, sms = shape
     tiles = -(-vocab // block_v)
-    splits = kernels.forward_splits(n, vocab, block_n, block_v, sms)
+    splits = fused_kernels.forward_splits(n, vocab, block_n, block_v, sms)
     assert 1 <= splits <= tiles
     assert -(-tiles // -(-tiles // splits)) == splits  # every split gets at least one tile
     times = {s: _launch_time(n, vocab, block_n, block_v, sms, s) for s in range(1, tiles + 1)}
@@ -355,15 +356,15 @@ def test_forward_splits_fill_whole_waves(shape):
 def test_forward_splits_no_partial_last_wave_at_n4096():
     """N = 4096, V = 152k, 128 x 128 tiles on 132 SMs: formerly 9 splits, 288 programs = 2.2 waves
     run as 3; now a whole number of waves at the ideal time (N V / (tiles x SMs))."""
-    splits = kernels.forward_splits(4096, 152064, 128, 128, 132)
+    splits = fused_kernels.forward_splits(4096, 152064, 128, 128, 132)
     programs = 32 * splits
     assert programs != 288 and programs % 132 == 0, programs
     assert _launch_time(4096, 152064, 128, 128, 132, splits) == 32 * 1188 // 132
     assert _launch_time(4096, 152064, 128, 128, 132, 9) == 3 * 132  # the former split: 37.5% slower
-    assert kernels.forward_splits(0, 10, 16, 32, 132) == 1
+    assert fused_kernels.forward_splits(0, 10, 16, 32, 132) == 1
     with pytest.raises(ValueError, match="sm_count"):
-        kernels.forward_splits(4, 10, 16, 32, 0)
-    assert kernels.sm_count(torch.device("cpu")) == kernels.DEFAULT_SM_COUNT == 132
+        fused_kernels.forward_splits(4, 10, 16, 32, 0)
+    assert fused_kernels.sm_count(torch.device("cpu")) == fused_kernels.DEFAULT_SM_COUNT == 132
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
@@ -382,7 +383,7 @@ def test_fused_forward_swizzle_does_not_change_results(backend, backend_device, 
     floor[::4] = -float("inf")
     exact = ref_logprobs(hidden @ weight.T + bias, labels, 0.9)
     results = [
-        kernels.fused_linear_logprobs_fwd(
+        fused_kernels.fused_linear_logprobs_fwd(
             hidden, weight, bias, labels, 0.9, IGNORE, splits=splits, group_n=group_n, logit_floor=floor
         )
         for group_n in (1, 2, 8)
@@ -390,7 +391,9 @@ def test_fused_forward_swizzle_does_not_change_results(backend, backend_device, 
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
-    unfloored = kernels.fused_linear_logprobs_fwd(hidden, weight, bias, labels, 0.9, IGNORE, splits=splits)
+    unfloored = fused_kernels.fused_linear_logprobs_fwd(
+        hidden, weight, bias, labels, 0.9, IGNORE, splits=splits
+    )
     for got, want in zip(unfloored[:2], exact, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
@@ -400,8 +403,8 @@ def test_fused_forward_swizzle_does_not_change_results(backend, backend_device, 
 def test_fused_linear_logprobs_split_grid_matches_fp64(monkeypatch, backend, backend_device, group_n, sms):
     """The op through the new forward grid (one split on 1 SM; five, one per vocabulary tile, on
     132; with and without the swizzle): logp, entropy and every gradient against the fp64 oracle."""
-    monkeypatch.setattr(kernels, "GROUP_N", group_n)
-    monkeypatch.setattr(kernels, "DEFAULT_SM_COUNT", sms)  # the interpreter's SM count
+    monkeypatch.setattr(fused_kernels, "GROUP_N", group_n)
+    monkeypatch.setattr(fused_kernels, "DEFAULT_SM_COUNT", sms)  # the interpreter's SM count
     n, hdim, vocab = 37, 40, 150
     dev = backend_device
     hidden = torch.randn(n, hdim, device=dev, requires_grad=True)
@@ -443,7 +446,7 @@ class _SweepingTuner:
         def launch(*args, **flags):
             for cfg in self.configs:
                 meta = {**flags, **cfg.kwargs}
-                kernels._fused_linear_logprobs_fwd_kernel[grid(meta)](*args, **flags, **cfg.kwargs)
+                fused_kernels._fused_linear_logprobs_fwd_kernel[grid(meta)](*args, **flags, **cfg.kwargs)
 
         return launch
 
@@ -463,12 +466,12 @@ def test_autotuned_forward_configs_with_fewer_splits(monkeypatch, backend, backe
     dev = backend_device
     hidden, weight = torch.randn(n, hdim, device=dev), torch.randn(vocab, hdim, device=dev) / 3
     labels = make_labels((n,), vocab).to(dev)
-    expected = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
-    assert kernels.forward_splits(n, vocab, 16, 16, 132) == 10
-    assert kernels.forward_splits(n, vocab, 32, 32, 132) == 5
-    monkeypatch.setattr(kernels, "_blocks", lambda blocks: {})
-    monkeypatch.setattr(kernels, "_autotuned", lambda *args: _SweepingTuner(configs))
-    got = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
+    expected = fused_kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
+    assert fused_kernels.forward_splits(n, vocab, 16, 16, 132) == 10
+    assert fused_kernels.forward_splits(n, vocab, 32, 32, 132) == 5
+    monkeypatch.setattr(fused_kernels, "_blocks", lambda blocks: {})
+    monkeypatch.setattr(fused_kernels, "_autotuned", lambda *args: _SweepingTuner(configs))
+    got = fused_kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
 
@@ -815,18 +818,21 @@ def test_matmul_configs_fit_sm90_shared_memory():
     memory; every autotune config fits sm_90's 232,448. fp32 has its own list of smaller tiles (ieee
     and tf32 fp32 dots spill and compile slowly at the bf16 sizes)."""
     for dtype, itemsize in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):
-        configs = kernels._matmul_configs(dtype)
+        configs = fused_kernels._matmul_configs(dtype)
         assert configs
         for cfg in configs:
             kw = cfg.kwargs
             smem = (cfg.num_stages - 1) * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_H"] * itemsize
             assert smem <= 232_448, (dtype, cfg)
     volume = [
-        [c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_H"] for c in kernels._matmul_configs(d)]
+        [
+            c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_H"]
+            for c in fused_kernels._matmul_configs(d)
+        ]
         for d in (torch.float32, torch.bfloat16)
     ]
     assert max(volume[0]) < volume[1][0]  # every fp32 tile smaller than the pinned bf16 one
-    assert all(c.kwargs["BLOCK_H"] <= 32 for c in kernels._matmul_configs(torch.float32))
+    assert all(c.kwargs["BLOCK_H"] <= 32 for c in fused_kernels._matmul_configs(torch.float32))
 
 
 @pytest.fixture
@@ -842,17 +848,23 @@ def test_dot_precision_follows_torch_setting(matmul_precision):
     effect: their products are exact in fp32)."""
     for setting, expected in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
         matmul_precision(setting)
-        assert kernels.dot_precision(torch.float32) == expected
-        assert kernels.dot_precision(torch.float32, setting) == expected
-        assert kernels.dot_precision(torch.bfloat16) == kernels.dot_precision(torch.float16) == "tf32"
+        assert fused_kernels.dot_precision(torch.float32) == expected
+        assert fused_kernels.dot_precision(torch.float32, setting) == expected
+        assert (
+            fused_kernels.dot_precision(torch.bfloat16)
+            == fused_kernels.dot_precision(torch.float16)
+            == "tf32"
+        )
     matmul_precision("high")
-    assert kernels.dot_precision(torch.float32, "highest") == "ieee"  # an explicit setting wins
+    assert fused_kernels.dot_precision(torch.float32, "highest") == "ieee"  # an explicit setting wins
     with pytest.raises(ValueError, match="matmul_precision"):
-        kernels.dot_precision(torch.float32, "fast")
+        fused_kernels.dot_precision(torch.float32, "fast")
     hidden, weight = torch.randn(3, 16), torch.randn(20, 16)
     labels = torch.randint(0, 20, (3,))
     with pytest.raises(ValueError, match="input_precision"):
-        kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE, input_precision="x")
+        fused_kernels.fused_linear_logprobs_fwd(
+            hidden, weight, None, labels, 1.0, IGNORE, input_precision="x"
+        )
 
 
 @pytest.mark.parametrize("setting", ["high", "highest"])
@@ -861,13 +873,13 @@ def test_fused_precision_resolved_at_forward(monkeypatch, matmul_precision, sett
     setting has changed in between (autograd may run backward outside the caller's context)."""
     seen = []
     for name in ("fused_linear_logprobs_fwd", "fused_linear_logprobs_bwd"):
-        real = getattr(kernels, name)
+        real = getattr(fused_kernels, name)
 
         def spy(*args, _real=real, **kwargs):
             seen.append(kwargs["input_precision"])
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(kernels, name, spy)
+        monkeypatch.setattr(fused_kernels, name, spy)
     hidden = torch.randn(9, 24, requires_grad=True)
     weight = torch.randn(50, 24, requires_grad=True)
     labels = make_labels((9,), 50)
@@ -875,7 +887,7 @@ def test_fused_precision_resolved_at_forward(monkeypatch, matmul_precision, sett
     logp = alignkit.fused_linear_logprobs(hidden, weight, labels, backend="triton")
     matmul_precision("medium" if setting == "highest" else "highest")
     logp.sum().backward()
-    expected = kernels.dot_precision(torch.float32, setting)
+    expected = fused_kernels.dot_precision(torch.float32, setting)
     assert seen == [expected, expected]
     # under the interpreter both precisions compute exact fp32 products: the oracle still holds
     lp_exact, _ = ref_logprobs(hidden.detach().double() @ weight.detach().double().T, labels)
@@ -891,7 +903,7 @@ def test_weight_grad_accumulates_in_fp32(dtype):
     h = [torch.randn(rows, hdim).to(dtype) for _ in range(chunks)]
     acc = torch.zeros(vocab, hdim)
     for a, b in zip(dz, h, strict=True):
-        kernels.accumulate_weight_grad(acc, a, b)
+        fused_kernels.accumulate_weight_grad(acc, a, b)
     exact = sum(a.double().T @ b.double() for a, b in zip(dz, h, strict=True))
     running = torch.zeros(vocab, hdim, dtype=dtype)  # the former scheme: a 16-bit running sum
     for a, b in zip(dz, h, strict=True):
@@ -908,10 +920,10 @@ def test_weight_grad_accumulates_in_fp32(dtype):
 def test_autotune_rows_bucket():
     """The autotuned choice is keyed on the rows bucketed to a power of two (bounded: no re-tuning
     per exact N, and a config tuned on a tiny first call is not reused for large N)."""
-    assert kernels._n_bucket(1) == kernels._n_bucket(64) == 64
-    assert kernels._n_bucket(65) == kernels._n_bucket(128) == 128
-    assert kernels._n_bucket(3000) == 4096
-    assert kernels._n_bucket(10**7) == kernels._n_bucket(16384) == 16384
+    assert fused_kernels._n_bucket(1) == fused_kernels._n_bucket(64) == 64
+    assert fused_kernels._n_bucket(65) == fused_kernels._n_bucket(128) == 128
+    assert fused_kernels._n_bucket(3000) == 4096
+    assert fused_kernels._n_bucket(10**7) == fused_kernels._n_bucket(16384) == 16384
 
 
 def test_kernel_launches_are_device_guarded(monkeypatch, device):
@@ -925,6 +937,7 @@ def test_kernel_launches_are_device_guarded(monkeypatch, device):
         return contextlib.nullcontext()
 
     monkeypatch.setattr(kernels, "device_guard", guard)
+    monkeypatch.setattr(fused_kernels, "device_guard", guard)
     logits = torch.randn(3, 7, device=device)
     labels = torch.randint(0, 7, (3,), device=device)
     ones = torch.ones(3, device=device)
@@ -934,8 +947,8 @@ def test_kernel_launches_are_device_guarded(monkeypatch, device):
     hidden, weight = torch.randn(5, 16, device=device), torch.randn(40, 16, device=device)
     labels = torch.randint(0, 40, (5,), device=device)
     ones = torch.ones(5, device=device)
-    _, ent, lse = kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
-    kernels.fused_linear_logprobs_bwd(
+    _, ent, lse = fused_kernels.fused_linear_logprobs_fwd(hidden, weight, None, labels, 1.0, IGNORE)
+    fused_kernels.fused_linear_logprobs_bwd(
         hidden, weight, None, labels, lse, ent, ones, ones, 1.0, IGNORE, chunk_rows=2
     )
     assert len(guarded) == 2 + 1 + 3  # one per backward chunk

@@ -1,4 +1,5 @@
-"""Chunked-torch token log-probs and entropy (the CPU twins of kernels/logprobs.py).
+"""Chunked-torch token log-probs and entropy (the CPU twins of kernels/logprobs.py and
+kernels/fused_logprobs.py).
 
 Formulas: docs/formulas.md ("Log-probs and entropy"). Per token, with ``z = x / T``::
 

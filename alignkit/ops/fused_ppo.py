@@ -21,7 +21,7 @@ processed. Two schedules:
   chunk), d logits in place, then d hidden = dz @ W and d weight += dz^T h. Three matmuls per chunk;
   peak memory about one (chunk, V) logits block plus the gradients.
 * two phases (Triton, and GSPO whose per-row ratio needs the whole row's log-probs first):
-  kernels/logprobs.py's fused forward (logits tiles folded into online statistics in registers,
+  kernels/fused_logprobs.py's fused forward (logits tiles folded into online statistics in registers,
   never stored) for every token, the fused PPO kernels on the (B, T) log-probs, then the fused
   backward, which recomputes logits tiles chunk by chunk. Peak memory is that of
   ``fused_linear_logprobs`` plus B x T-sized vectors.
@@ -160,9 +160,9 @@ def _two_phase(
     temperature, ignore_index, chunk = run.temperature, run.ignore_index, run.chunk_size
     triton_lp = run.impl == "triton" and hidden.dtype != torch.float64
     if triton_lp:
-        from ..kernels import logprobs as _kernels_logprobs
+        from ..kernels import fused_logprobs as _fused_kernels
 
-        logp, ent, lse = _kernels_logprobs.fused_linear_logprobs_fwd(
+        logp, ent, lse = _fused_kernels.fused_linear_logprobs_fwd(
             flat, w, b, lab, temperature, ignore_index, logit_floor=fl
         )
     else:
@@ -183,7 +183,7 @@ def _two_phase(
         entropy_dtype=ent.dtype, cu_seqlens=cu,
     )  # fmt: skip
     backward = (
-        _kernels_logprobs.fused_linear_logprobs_bwd if triton_lp else _cpu_logprobs.fused_linear_logprobs_bwd
+        _fused_kernels.fused_linear_logprobs_bwd if triton_lp else _cpu_logprobs.fused_linear_logprobs_bwd
     )
     d_flat, d_weight, d_bias = backward(
         flat,

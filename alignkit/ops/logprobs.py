@@ -10,9 +10,10 @@ gradients of logp AND H and recomputes what it needs from the saved per-token ``
 Positions whose label is ``ignore_index`` give logp 0, entropy 0 and no gradient. Outputs are
 float32 (float64 for float64 inputs), in the shape of ``labels``.
 
-Backends (``alignkit.backend.resolve``): ``triton`` (kernels/logprobs.py) for fp16/bf16/fp32,
-``cpu`` (alignkit/cpu/logprobs.py, chunked torch, any device). fp64 inputs always take the
-chunked-torch path, which is exact in fp64 (it is what ``gradcheck`` tests).
+Backends (``alignkit.backend.resolve``): ``triton`` (kernels/logprobs.py on given logits,
+kernels/fused_logprobs.py with the lm_head) for fp16/bf16/fp32, ``cpu`` (alignkit/cpu/logprobs.py,
+chunked torch, any device). fp64 inputs always take the chunked-torch path, which is exact in fp64
+(it is what ``gradcheck`` tests).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         # hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64, floor (N,) or None
         precision = None
         if triton:
-            from ..kernels import logprobs as _kernels
+            from ..kernels import fused_logprobs as _kernels
 
             # fp32 dots follow torch.get_float32_matmul_precision() as it is now, in the forward
             # and (saved) in the backward, which may run outside the caller's setting.
@@ -109,7 +110,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             return (None,) * 10
         g_logp, g_ent = _grad_or_zeros(g_logp, lse), _grad_or_zeros(g_ent, lse)
         if triton:
-            from ..kernels import logprobs as _kernels
+            from ..kernels import fused_logprobs as _kernels
 
             grads = _kernels.fused_linear_logprobs_bwd(
                 hidden, weight, bias, labels, lse, ent, g_logp, g_ent, temperature, ignore_index, needs,
