@@ -18,12 +18,18 @@ Tokens/s counts sampled tokens (eos included, nothing after it) and is stored in
 the renderer's speed-up column is the ratio of median times (equal token counts in ``fixed``, equal
 in expectation in ``varying``). pytest-benchmark times the providers one after the other; on a
 shared machine run ``python bench/bench_rollout.py`` instead, which interleaves the providers
-round by round and prints median tokens/s and their ratio.
+round by round, prints median tokens/s and their ratio, and writes them (every round, both clocks)
+to bench/results/rollout_<device>.json and .md (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -39,6 +45,8 @@ PROMPT_LEN, NEW_TOKENS, ROWS = 16, 128, 32
 EOS, PAD = 2, 0
 CASES = {"fixed": 1, "varying": 8}  # case: samples per prompt (rows = 32 either way)
 PROVIDERS = ["alignkit", "hf"]
+GOALS = {"fixed": 1.5, "varying": 2.0}  # alignkit / HF tokens/s (issue 10)
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def cpu_model():
@@ -163,24 +171,84 @@ def interleaved(case: str, device: str, rounds: int) -> dict[str, dict[str, list
     return rates
 
 
+def machine_info() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {d: importlib.metadata.version(d) for d in ("torch", "transformers")}
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
+        "datetime": datetime.datetime.now().isoformat(timespec="seconds"), "load_average": os.getloadavg(),
+    }  # fmt: skip
+
+
+def render(data: dict) -> str:
+    info = data["machine"]
+    lines = [
+        f"Machine: {info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads; "
+        f"torch {info['versions']['torch']}, transformers {info['versions']['transformers']}; "
+        f"{info['datetime']} (load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in info['load_average'])})",
+        "",
+        f"**Rollout, {data['device']}: 16.9M Llama, {ROWS} rows, {PROMPT_LEN}-token prompts, "
+        f"{NEW_TOKENS} new tokens, temperature 1; providers interleaved round by round, "
+        f"{data['rounds']} rounds (+ warm-up)**",
+        "",
+        "| case | clock | alignkit tok/s | HF generate tok/s | ratio | goal | rounds alignkit/HF |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for case, block in data["cases"].items():
+        for clock in ("wall", "cpu"):
+            r = block[clock]
+            rounds = " ".join(f"{a:.0f}/{h:.0f}" for a, h in zip(r["alignkit"], r["hf"], strict=True))
+            lines.append(
+                f"| {case} | {clock} | {r['median']['alignkit']:.0f} | {r['median']['hf']:.0f} | "
+                f"{r['ratio']:.2f}x | >= {GOALS[case]}x | {rounds} |"
+            )
+    lines += ["", "Written by `python bench/bench_rollout.py` (cpu clock: this process's CPU time)."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="interleaved rollout throughput (tokens/s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default results/rollout_<device>.json)"
+    )
     parser.add_argument("cases", nargs="*", default=list(CASES))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    data = {"benchmark": "rollout tokens/s, alignkit.RolloutEngine vs HF generate", "device": args.device,
+            "rounds": args.rounds, "cases": {}}  # fmt: skip
     for case in args.cases:
         rates = interleaved(case, args.device, args.rounds)
+        data["cases"][case] = {}
         for clock in ("wall", "cpu"):
             med = {p: statistics.median(rates[p][clock]) for p in PROVIDERS}
             rounds = "  ".join(f"{p}: {[round(r) for r in rates[p][clock]]}" for p in PROVIDERS)
             print(
                 f"{case:8s} {clock:4s} alignkit {med['alignkit']:6.0f} tok/s  hf {med['hf']:6.0f} tok/s  "
-                f"ratio {med['alignkit'] / med['hf']:.2f}x  ({rounds}; {torch.get_num_threads()} threads)"
+                f"ratio {med['alignkit'] / med['hf']:.2f}x  ({rounds}; {torch.get_num_threads()} threads)",
+                flush=True,
             )
+            data["cases"][case][clock] = {
+                **{p: rates[p][clock] for p in PROVIDERS},
+                "median": med,
+                "ratio": med["alignkit"] / med["hf"],
+            }
+    data["machine"] = machine_info()
+    out = args.out or RESULTS / f"rollout_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(data) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
 
 
 if __name__ == "__main__":
