@@ -110,6 +110,25 @@ def test_causal_lm_logprobs_logits_to_keep(model_dir):
     torch.testing.assert_close(last, full[:, -4:], rtol=0, atol=1e-12)
 
 
+def test_causal_lm_logprobs_return_hidden(model_dir):
+    # The hidden states returned are the body's last states that predict the scored tokens, with
+    # their graph (a value head on them trains the body), in float64.
+    model = _load(model_dir, torch.float64)
+    input_ids, mask = _batch()
+    logp, entropy, hidden = alignkit.causal_lm_logprobs(
+        model, input_ids, mask, logits_to_keep=4, return_entropy=True, return_hidden=True, backend="cpu"
+    )
+    states = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(hidden, states[:, -5:-1], rtol=0, atol=1e-12)
+    plain = alignkit.causal_lm_logprobs(model, input_ids, mask, logits_to_keep=4, backend="cpu")
+    torch.testing.assert_close(logp, plain, rtol=0, atol=0)
+    assert entropy.shape == logp.shape
+    hidden.sum().backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="return_hidden"):
+        alignkit.causal_lm_logprobs(model, input_ids, mask, return_hidden="yes")
+
+
 def test_causal_lm_logprobs_bad_input(model_dir):
     model = _load(model_dir, torch.float32)
     input_ids, mask = _batch()
