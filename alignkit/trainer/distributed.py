@@ -15,6 +15,7 @@ when the model is on CUDA.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable, Sequence
 
@@ -41,6 +42,14 @@ def init_from_env(device: torch.device) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # The group we opened is closed at exit: a gloo group left to the interpreter's teardown can
+    # abort the process ("terminate called without an active exception") after a finished run.
+    atexit.register(_destroy)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(items: Sequence, *, part: int, parts: int) -> list:
