@@ -312,7 +312,9 @@ def fused_linear_logprobs(
     return _outputs(logp, ent, labels.shape, return_entropy)
 
 
-def _output_head(model: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+def output_head(model: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (V, H) weight and optional bias of a causal LM's linear lm_head (models that rescale or
+    soft-cap their logits are rejected: the fused ops would not reproduce them)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     weight = getattr(head, "weight", None)
@@ -332,7 +334,7 @@ def _output_head(model: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
-def _check_token_range(model: object, input_ids: torch.Tensor) -> None:
+def check_token_range(model: object, input_ids: torch.Tensor) -> None:
     """Token ids must index the model's input embedding (an out-of-range id fails deep inside the
     model, or reads another row on CUDA): checked on CPU tensors, where it costs no device sync."""
     get = getattr(model, "get_input_embeddings", None)
@@ -404,8 +406,8 @@ def causal_lm_logprobs(
         _checks.same_device(position_ids, "position_ids", input_ids, "input_ids")
     logits_to_keep = _checks.non_negative_int(logits_to_keep, "logits_to_keep")
     return_hidden = _checks.flag(return_hidden, "return_hidden")
-    _check_token_range(model, input_ids)
-    weight, bias = _output_head(model)
+    check_token_range(model, input_ids)
+    weight, bias = output_head(model)
     body = getattr(model, "base_model", None)
     if body is None or body is model:
         raise ValueError(

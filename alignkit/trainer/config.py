@@ -78,6 +78,9 @@ class RLConfig:
     warmup_iterations: int = 0  # linear learning-rate warm-up
     ppo_epochs: int = 1  # optimizer steps per iteration (each a pass over the iteration's samples)
     minibatch_tokens: int = 8192  # token budget of one forward/backward (gradients accumulate)
+    share_prompts: bool = True  # forward each distinct prompt once per minibatch (its samples attend
+    # to its cached states; same values, fewer FLOPs); whole rows with gradient checkpointing or
+    # sliding-window models
     max_grad_norm: float | None = 1.0  # gradient clipping; None disables
     # --- model
     precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights) or "auto": bf16 on CUDA, fp32 on CPU
@@ -159,6 +162,7 @@ class RLConfig:
         self.warmup_iterations = _checks.non_negative_int(self.warmup_iterations, "warmup_iterations")
         self.precision = _checks.choice(self.precision, "precision", ("auto", "fp32", "bf16"))
         self.gradient_checkpointing = _checks.flag(self.gradient_checkpointing, "gradient_checkpointing")
+        self.share_prompts = _checks.flag(self.share_prompts, "share_prompts")
         self.lora_rank = _checks.non_negative_int(self.lora_rank, "lora_rank")
         self.lora_alpha = _checks.positive(self.lora_alpha, "lora_alpha")
         targets = self.lora_target_modules

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from .. import _checks
-from ..ops.logprobs import causal_lm_logprobs
 from ..ops.loss_config import PolicyLossConfig
 from ..ops.losses import kl_penalty, ppo_policy_loss, value_loss
 from ..ops.rollout_correction import rollout_correction_weights
+from ..ops.shared_prompts import supports_shared_prompts
 from ..replay_buffer import ReplayBuffer
 from ..rollout import RolloutEngine
 from . import checkpoint, distributed
@@ -54,6 +54,7 @@ from .modeling import (
     load_model,
     train_mode_without_dropout,
 )
+from .response_scoring import response_start, score_responses
 from .rewards import RewardFunction
 from .value import ValueHead, check_critic, critic_values, hidden_size_of
 
@@ -188,6 +189,11 @@ class Trainer:
             else None
         )
         self.engine = RolloutEngine(self.model, tokenizer)
+        # Distinct prompts forwarded once (response_scoring.py); HF's gradient checkpointing turns
+        # the cache off, so it trains whole rows.
+        self.share_prompts = (
+            cfg.share_prompts and not cfg.gradient_checkpointing and supports_shared_prompts(self.model)
+        )
         self.autocast_dtype = autocast_dtype(cfg, self.device)
         # One epoch and nothing that reads the policy's log-probs before the update (ppo's values,
         # an in-reward KL, rollout-correction weights): the update's forward gives them.
@@ -207,6 +213,9 @@ class Trainer:
         if cfg.kl_coef > 0 and not self.reference_is_base:
             self.ref_model = (ref_model if ref_model is not None else copy.deepcopy(self.model)).eval()
             self.ref_model.requires_grad_(False)
+        self.share_reference_prompts = cfg.share_prompts and (
+            self.ref_model is None or supports_shared_prompts(self.ref_model)
+        )
         self.loss_config = PolicyLossConfig(
             clip_low=self.config.clip_low,
             clip_high=self.config.clip_high,
@@ -304,30 +313,45 @@ class Trainer:
             return self._score(rollout)
 
     def _score(self, rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        T = rollout.response_ids.shape[1]
-        ids, mask, positions = rollout.input_ids(), rollout.attention_mask(), rollout.position_ids()
+        N, T = rollout.response_ids.shape
+        ids, mask = rollout.input_ids(), rollout.attention_mask()
+        P = ids.shape[1] - T
+        start = torch.full((N,), P, dtype=torch.int64, device=ids.device)
+        floor = None
+        if rollout.logit_floor is not None:  # a per-token field of the rows (prompt columns unread)
+            floor = torch.cat([rollout.logit_floor.new_full((N, P), float("-inf")), rollout.logit_floor], 1)
         rows_per_chunk = max(1, self.config.minibatch_tokens // ids.shape[1])
         old, ref, values = [], [], []
-        for start in range(0, ids.shape[0], rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            floor = None if rollout.logit_floor is None else rollout.logit_floor[rows]
-            kwargs = dict(
-                attention_mask=mask[rows], position_ids=positions[rows], logits_to_keep=T,
-                temperature=self.config.temperature, logit_floor=floor,
+
+        def scored(model, rows, share, *, hidden=False) -> tuple[torch.Tensor, ...]:
+            """The rows' (N, T) outputs, in the rollout's response layout."""
+            layout, out = score_responses(
+                model, ids[rows], mask[rows], start[rows], share_prompts=share,
+                temperature=self.config.temperature, logit_floor=None if floor is None else floor[rows],
+                return_hidden=hidden,
             )  # fmt: skip
+            width = T - layout.columns.shape[1]  # responses may end before the rollout's width
+            return tuple(
+                torch.nn.functional.pad(o, (0, 0, 0, width) if o.dim() == 3 else (0, width)) for o in out
+            )
+
+        for begin in range(0, N, rows_per_chunk):
+            rows = slice(begin, begin + rows_per_chunk)
             if self.value_head is not None:
-                logp, hidden = causal_lm_logprobs(self.model, ids[rows], return_hidden=True, **kwargs)
+                logp, hidden = scored(self.model, rows, self.share_prompts, hidden=True)
                 values.append(self.value_head(hidden))
                 old.append(logp)
             elif not self.old_logp_from_update:
-                old.append(causal_lm_logprobs(self.model, ids[rows], **kwargs))
+                old.append(scored(self.model, rows, self.share_prompts)[0])
             if self.critic is not None:
-                values.append(critic_values(self.critic, ids[rows], mask[rows], positions[rows], T))
+                values.append(
+                    critic_values(self.critic, ids[rows], mask[rows], rollout.position_ids()[rows], T)
+                )
             if self.ref_model is not None:
-                ref.append(causal_lm_logprobs(self.ref_model, ids[rows], **kwargs))
+                ref.append(scored(self.ref_model, rows, self.share_reference_prompts)[0])
             elif self.reference_is_base:
                 with self.peft_model.disable_adapter():
-                    ref.append(causal_lm_logprobs(self.model, ids[rows], **kwargs))
+                    ref.append(scored(self.model, rows, self.share_prompts)[0])
         # Without a policy pass, the sampler's log-probs stand in until the update recomputes them.
         old_logp = torch.cat(old) if old else rollout.logprobs.float()
         return old_logp, (torch.cat(ref) if ref else None), (torch.cat(values) if values else None)
@@ -402,8 +426,8 @@ class Trainer:
             maxes: dict[str, torch.Tensor] = {}
             self.optimizer.zero_grad(set_to_none=True)
             for batch in buffer.epoch(max_tokens=cfg.minibatch_tokens, layout="padded"):
-                tokens = batch["loss_mask"][:, 1:].sum().float()
-                rows = (batch["loss_mask"][:, 1:].sum(-1) > 0).sum().float()
+                tokens = batch["loss_mask"].sum().float()
+                rows = (batch["loss_mask"].sum(-1) > 0).sum().float()
                 scale = 1.0 if token_mean else rows / total_rows  # global normalisation
                 with (
                     autocast(self.autocast_dtype, self.device),
@@ -437,23 +461,24 @@ class Trainer:
 
     def _minibatch_loss(self, batch, loss_config: PolicyLossConfig, scale, total_tokens: float):
         """The minibatch's share of the iteration's loss (policy, plus ``vf_coef`` x value for ppo)
-        and its metrics (token means over the minibatch)."""
+        and its metrics (token means over the minibatch). The loss runs in the response layout
+        (response_scoring.py): the rows' per-token fields are gathered to the scored tokens."""
         ids = batch["tokens"]
         attention = batch.attention_mask.long()
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)
         # The rollouts carry a floor exactly when top-k / top-p truncation is on (no per-batch check).
         truncated = self.config.top_k > 0 or self.config.top_p < 1.0
-        logp, entropy, *hidden = causal_lm_logprobs(
-            self.model, ids, attention_mask=attention, position_ids=positions,
-            temperature=self.config.temperature, return_entropy=True,
-            logit_floor=batch["logit_floor"][:, 1:] if truncated else None, chunk_size=None,
+        layout, (logp, entropy, *hidden) = score_responses(
+            self.model, ids, attention, response_start(batch["loss_mask"], attention),
+            share_prompts=self.share_prompts, temperature=self.config.temperature,
+            logit_floor=batch["logit_floor"] if truncated else None, return_entropy=True,
             return_hidden=self.value_head is not None,
         )  # fmt: skip
-        mask = batch["loss_mask"][:, 1:].float()
+        field = layout.gather
+        mask = field(batch["loss_mask"]).float()
         has_reference = self.ref_model is not None or self.reference_is_base
-        ref = batch["ref_logp"][:, 1:] if has_reference and not self.config.kl_in_reward else None
-        is_weights = batch["is_weights"][:, 1:] if self.config.rollout_correction is not None else None
-        old_logp = batch["old_logp"][:, 1:]
+        ref = field(batch["ref_logp"]) if has_reference and not self.config.kl_in_reward else None
+        is_weights = field(batch["is_weights"], 1.0) if self.config.rollout_correction is not None else None
+        old_logp = field(batch["old_logp"])
         extra_metrics: dict[str, torch.Tensor] = {}
         if self.old_logp_from_update:
             # The weights are not updated yet: this forward's log-probs are the old ones, and the
@@ -464,7 +489,7 @@ class Trainer:
             )  # fmt: skip
             old_logp = logp.detach()
         loss, metrics = ppo_policy_loss(
-            logp, old_logp, batch["advantages"][:, 1:], mask,
+            logp, old_logp, field(batch["advantages"]), mask,
             config=loss_config, entropy=entropy, ref_logp=ref, is_weights=is_weights,
         )  # fmt: skip
         metrics = {**metrics, **extra_metrics}
@@ -473,10 +498,13 @@ class Trainer:
             if self.value_head is not None:
                 values = self.value_head(hidden[0])
             else:
-                values = critic_values(self.critic, ids, attention, positions, ids.shape[1] - 1)
+                positions = (attention.cumsum(-1) - 1).clamp_min(0)
+                shifted = critic_values(self.critic, ids, attention, positions, ids.shape[1] - 1)
+                # (N, L - 1): column c - 1 predicts the token at column c
+                values = shifted.gather(1, (layout.columns - 1).clamp_min(0)).masked_fill(~layout.mask, 0.0)
             # Token mean over the iteration's global token count, like the policy's token-mean.
             vf, vf_metrics = value_loss(
-                values, batch["old_values"][:, 1:], batch["returns"][:, 1:], mask,
+                values, field(batch["old_values"]), field(batch["returns"]), mask,
                 clip=self.config.value_clip, agg="token-mean", agg_scale=total_tokens,
             )  # fmt: skip
             loss = loss + self.config.vf_coef * vf

@@ -1,0 +1,93 @@
+"""The trainer's shared-prompt forwards (``share_prompts``, alignkit/trainer/response_scoring.py)
+train what whole rows train: same metrics and parameters after a few optimizer steps, for GRPO with a
+KL reference and top-k truncation, PPO with its value head, a separate critic, several epochs and
+several minibatches; and the rows a group repeats are forwarded once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from toy_task import PROMPTS, digit_share, save_tiny_llama
+
+import alignkit.trainer.response_scoring as response_scoring
+from alignkit.trainer import RLConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def _run(model_dir, share, critic=False, **overrides):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    options = dict(
+        iterations=3, prompts_per_iteration=4, num_generations=4, max_new_tokens=8, learning_rate=3e-3,
+        progress=False, seed=0, tensorboard=False, share_prompts=share,
+    )  # fmt: skip
+    options.update(overrides)
+    value_model = None
+    if critic:
+        value_model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1)
+    trainer = Trainer(
+        model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, config=RLConfig(**options), critic=value_model
+    )
+    history = trainer.train()
+    return trainer, history
+
+
+CASES = {
+    "grpo-kl-topk": dict(algorithm="grpo", kl_coef=0.1, top_k=9),
+    "grpo-minibatches-epochs": dict(algorithm="grpo", minibatch_tokens=64, ppo_epochs=2),
+    "dapo-top-p": dict(algorithm="dapo", top_p=0.9, temperature=0.8),
+    "ppo-value-head": dict(algorithm="ppo", num_generations=2),
+    "rloo-gspo": dict(algorithm="rloo", loss_type="gspo"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_shared_prompts_train_what_whole_rows_train(model_dir, case):
+    shared, shared_history = _run(model_dir, True, **CASES[case])
+    whole, whole_history = _run(model_dir, False, **CASES[case])
+    assert shared.share_prompts and not whole.share_prompts
+    for a, b in zip(shared_history, whole_history, strict=True):
+        for key, value in b.items():
+            if key.startswith("time/") or key == "tokens_per_s" or not isinstance(value, float):
+                continue
+            assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-5), (case, a["iteration"], key)
+    for (name, p), q in zip(shared.model.named_parameters(), whole.model.parameters(), strict=True):
+        assert (p - q).abs().max() < 1e-5, (case, name)
+
+
+def test_shared_prompts_with_a_critic(model_dir):
+    shared, shared_history = _run(model_dir, True, critic=True, algorithm="ppo", num_generations=2)
+    whole, whole_history = _run(model_dir, False, critic=True, algorithm="ppo", num_generations=2)
+    for a, b in zip(shared_history, whole_history, strict=True):
+        assert math.isclose(a["reward/mean"], b["reward/mean"], rel_tol=1e-6)
+        for key in ("value/loss", "value/mean", "policy/loss"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), key
+    for p, q in zip(shared.critic.parameters(), whole.critic.parameters(), strict=True):
+        assert (p - q).abs().max() < 1e-5
+
+
+def test_shared_prompts_forward_each_prompt_once(model_dir, monkeypatch):
+    """The update's forward runs the distinct prompts (4) once, not the 16 rows."""
+    calls = []
+    real = response_scoring.shared_prompt_logprobs
+
+    def counting(model, prompt_ids, *args, **kwargs):
+        calls.append((prompt_ids.shape[0], args[1].shape[0]))  # (prompts, response rows)
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(response_scoring, "shared_prompt_logprobs", counting)
+    _run(model_dir, True, iterations=1)
+    assert calls == [(4, 16)]
+
+
+def test_gradient_checkpointing_trains_whole_rows(model_dir):
+    trainer, history = _run(model_dir, True, iterations=1, gradient_checkpointing=True)
+    assert not trainer.share_prompts and math.isfinite(history[0]["reward/mean"])
