@@ -14,6 +14,7 @@ from toy_task import PROMPTS, digit_share, save_tiny_llama
 
 import alignkit.trainer.response_scoring as response_scoring
 from alignkit.trainer import RLConfig, Trainer
+from alignkit.trainer.group_minibatches import plan_group_minibatches
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,12 @@ def _run(model_dir, share, critic=False, **overrides):
     if critic:
         value_model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1)
     trainer = Trainer(
-        model, tokenizer, reward_fn=digit_share, prompts=PROMPTS, config=RLConfig(**options), critic=value_model
+        model,
+        tokenizer,
+        reward_fn=digit_share,
+        prompts=PROMPTS,
+        config=RLConfig(**options),
+        critic=value_model,
     )
     history = trainer.train()
     return trainer, history
@@ -91,3 +97,41 @@ def test_shared_prompts_forward_each_prompt_once(model_dir, monkeypatch):
 def test_gradient_checkpointing_trains_whole_rows(model_dir):
     trainer, history = _run(model_dir, True, iterations=1, gradient_checkpointing=True)
     assert not trainer.share_prompts and math.isfinite(history[0]["reward/mean"])
+
+
+def test_group_minibatches_keep_groups_and_the_budget():
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.tensor([5] * 4 + [3] * 4 + [7] * 4)
+    response = torch.tensor([4, 6, 2, 6, 1, 1, 3, 2, 8, 8, 8, 8])
+    groups = torch.arange(3).repeat_interleave(4)
+    for budget in (200, 40, 30):
+        plan = plan_group_minibatches(prompt, response, groups, max_tokens=budget, generator=g)
+        assert sorted(r for rows in plan for r in rows) == list(range(12))
+        for rows in plan:
+            members = {int(groups[r]) for r in rows}
+            cost = len(members) * max(int(prompt[r]) for r in rows) + len(rows) * max(
+                int(response[r]) for r in rows
+            )
+            assert cost <= budget, (budget, rows)
+            if budget >= 40:  # every group fits alone: none is split
+                assert all(sum(int(groups[r]) == m for r in rows) == 4 for m in members)
+    assert len(plan_group_minibatches(prompt, response, groups, max_tokens=200, generator=g)) == 1
+    split = plan_group_minibatches(prompt, response, groups, max_tokens=30, generator=g)
+    assert any(len(rows) < 4 for rows in split)  # group 2 (7 + 4 x 8 = 39 tokens) is split
+    with pytest.raises(ValueError, match="minibatch_tokens"):
+        plan_group_minibatches(prompt, response, groups, max_tokens=14, generator=g)
+
+
+def test_minibatches_forward_whole_groups(model_dir, monkeypatch):
+    """With a budget of about two groups, every shared forward holds whole groups of 4 rows."""
+    calls = []
+    real = response_scoring.shared_prompt_logprobs
+
+    def counting(model, prompt_ids, *args, **kwargs):
+        calls.append((prompt_ids.shape[0], args[1].shape[0]))
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(response_scoring, "shared_prompt_logprobs", counting)
+    _run(model_dir, True, iterations=1, minibatch_tokens=90)
+    assert sum(rows for _, rows in calls) == 16 and len(calls) > 1
+    assert all(rows == 4 * prompts for prompts, rows in calls), calls

@@ -46,6 +46,7 @@ from .advantages import Scored, advantages_for
 from .config import GROUP_ALGORITHMS, VALUE_ALGORITHMS, RLConfig
 from .env_rollouts import collect as collect_env_rollouts
 from .env_rollouts import env_factory
+from .group_minibatches import plan_group_minibatches
 from .modeling import (
     apply_lora,
     autocast,
@@ -404,9 +405,12 @@ class Trainer:
         )  # fmt: skip
         return buffer
 
-    def update(self, buffer: ReplayBuffer, scored: Scored) -> dict[str, torch.Tensor]:
+    def update(
+        self, buffer: ReplayBuffer, scored: Scored, lengths: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """ppo_epochs optimizer steps over the buffer; returns the metric tensors of the last epoch
-        (token-weighted over its minibatches) and the gradient norms."""
+        (token-weighted over its minibatches) and the gradient norms. ``lengths``: (prompt, response)
+        tokens per row (N,) each; with shared prompts, minibatches then keep groups together."""
         cfg = self.config
         # The iteration's global counts (over every rank): the loss normalisers.
         counts = torch.stack([scored.mask.sum(), (scored.mask.sum(-1) > 0).sum().float()])
@@ -425,7 +429,7 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             maxes: dict[str, torch.Tensor] = {}
             self.optimizer.zero_grad(set_to_none=True)
-            for batch in buffer.epoch(max_tokens=cfg.minibatch_tokens, layout="padded"):
+            for batch in self._minibatches(buffer, scored, lengths, epoch):
                 tokens = batch["loss_mask"].sum().float()
                 rows = (batch["loss_mask"].sum(-1) > 0).sum().float()
                 scale = 1.0 if token_mean else rows / total_rows  # global normalisation
@@ -458,6 +462,21 @@ class Trainer:
         metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])  # the rate these steps used
         self.scheduler.step()
         return metrics
+
+    def _minibatches(self, buffer: ReplayBuffer, scored: Scored, lengths, epoch: int):
+        """The epoch's token-budget minibatches (padded layout): whole groups together when the
+        prompts are shared (group_minibatches.py), else the buffer's length-binned epoch."""
+        repeated = scored.group_ids.unique().numel() < len(buffer)  # some group holds several rows
+        if not (self.share_prompts and lengths is not None and repeated):
+            yield from buffer.epoch(max_tokens=self.config.minibatch_tokens, layout="padded")
+            return
+        generator = torch.Generator().manual_seed(self.seed_for(self.iteration, 300 + epoch))
+        ids = buffer.live_ids
+        plan = plan_group_minibatches(
+            *lengths, scored.group_ids, max_tokens=self.config.minibatch_tokens, generator=generator
+        )
+        for rows in plan:
+            yield buffer.get([ids[r] for r in rows], layout="padded")
 
     def _minibatch_loss(self, batch, loss_config: PolicyLossConfig, scale, total_tokens: float):
         """The minibatch's share of the iteration's loss (policy, plus ``vf_coef`` x value for ppo)
@@ -553,7 +572,10 @@ class Trainer:
         )  # fmt: skip
         advantages, returns = advantages_for(cfg.algorithm, scored, cfg)
         is_weights, correction = (None, {}) if self.old_logp_from_update else self.correction(rollout, scored)
-        train = self.update(self.buffer(rollout, scored, advantages, returns, is_weights, iteration), scored)
+        P = rollout.prompt_ids.shape[1]
+        lengths = (rollout.prompt_mask.sum(-1), rollout.attention_mask()[:, P:].sum(-1))
+        buffer = self.buffer(rollout, scored, advantages, returns, is_weights, iteration)
+        train = self.update(buffer, scored, lengths)
         t_train = time.perf_counter() - t1
         metrics = self.log_metrics(
             iteration, scored, {**train, **correction}, per_fn, extra, t_rollout, t_train
