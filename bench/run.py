@@ -27,6 +27,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--readme", type=Path, default=None, help="also update this README's table")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # pytest runs in bench/: a relative --out means the caller's folder
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.device}.json"
     cmd = [
