@@ -70,8 +70,9 @@ def score_responses(
         )  # fmt: skip
         return layout, out if isinstance(out, tuple) else (out,)
     # Whole rows; the lm_head runs on the last `keep` columns, which hold every response token.
-    keep = max(int(input_ids.shape[1] - start.min()), 1) if start.numel() else 1
-    first = input_ids.shape[1] - keep  # the first kept (scored) column
+    width = input_ids.shape[1]
+    keep = min(max(int(width - start.min()), 1), width - 1) if start.numel() else 1
+    first = width - keep  # the first kept (scored) column
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = causal_lm_logprobs(
         model, input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=keep,
