@@ -4,7 +4,7 @@
     python bench/bench_trainer.py --case small --iterations 30 --seeds 0 1
     PYTHONPATH=/tmp/peer-site-packages python bench/bench_trainer.py   # where TRL lives elsewhere
 
-One config, both frameworks: a random-init ``LlamaConfig`` (small: hidden 128, intermediate 512,
+One config, every framework: a random-init ``LlamaConfig`` (small: hidden 128, intermediate 512,
 2 layers, 4 heads, 24 new tokens; large: hidden 256, intermediate 1024, 4 layers, 64 new tokens)
 with a 46-symbol character tokenizer (44 characters + <pad> + <eos>), saved once and loaded by both
 with ``from_pretrained``; 8 prompts x 8 generations per iteration, temperature 1, top-k 0, top-p 1;
@@ -20,6 +20,9 @@ every iteration, the median over iterations 2..N (the first is a warm-up), compl
 second, peak RSS and the reward curve (mean reward of each iteration's 64 completions, recorded by
 the same reward function in both). Results: bench/results/trainer_cpu.json and .md.
 
+A third framework, ``trl+alignkit``, is TRL's GRPOTrainer after ``alignkit.compat.trl.patch()``
+(its per-token log-probs from the fused, shared-prompt ops): the drop-in gain for TRL users.
+
 TRL missing: alignkit still runs and TRL is reported as skipped. Not collected by pytest (no
 ``test_`` functions here): it runs whole training loops, so it is a script, not a benchmark case.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -79,7 +83,7 @@ PREVIOUS_TRL = {
     "small": {"s_per_iteration": 0.44, "peak_rss_mib": 653},
     "large": {"s_per_iteration": 3.9, "peak_rss_mib": 1369},
 }
-FRAMEWORKS = ("trl", "alignkit")
+FRAMEWORKS = ("trl", "trl+alignkit", "alignkit")  # trl+alignkit: TRL after alignkit.compat.trl.patch()
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -170,7 +174,9 @@ def run_alignkit(model_dir: str, case: dict, *, seed: int, iterations: int, attn
     return out
 
 
-def run_trl(model_dir: str, case: dict, *, seed: int, iterations: int, attn: str) -> dict:
+def run_trl(
+    model_dir: str, case: dict, *, seed: int, iterations: int, attn: str, patched: bool = False
+) -> dict:
     try:
         import trl
         from datasets import Dataset
@@ -178,6 +184,10 @@ def run_trl(model_dir: str, case: dict, *, seed: int, iterations: int, attn: str
     except Exception as exc:  # a broken install is reported like a missing one
         return {"skipped": f"trl unavailable ({type(exc).__name__}: {exc}); install the bench extra"}
 
+    if patched:  # TRL's per-token log-probs from alignkit's fused, shared-prompt ops
+        from alignkit.compat import trl as compat_trl
+
+        compat_trl.patch()
     model, tokenizer = _load(model_dir, attn)
     reward = DigitShareReward()
     rows = SHARED["prompts_per_iteration"] * SHARED["num_generations"]
@@ -239,8 +249,11 @@ def child_main(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")  # TRL / transformers deprecation notices
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    run = run_trl if args.child == "trl" else run_alignkit
-    result = run(args.model_dir, CASES[args.case], seed=args.seed, iterations=args.iterations, attn=args.attn)
+    patched_trl = functools.partial(run_trl, patched=True)
+    runs = {"trl": run_trl, "trl+alignkit": patched_trl, "alignkit": run_alignkit}
+    result = runs[args.child](
+        args.model_dir, CASES[args.case], seed=args.seed, iterations=args.iterations, attn=args.attn
+    )
     result.update(framework=args.child, seed=args.seed, threads=torch.get_num_threads())
     Path(args.child_out).write_text(json.dumps(result))
 
@@ -278,7 +291,7 @@ def run_child(framework: str, model_dir: Path, case: str, seed: int, args: argpa
         "--threads", str(args.threads), "--attn", args.attn, "--child-out", str(out),
     ]  # fmt: skip
     env = dict(os.environ)
-    if framework == "trl" and args.trl_path:
+    if framework.startswith("trl") and args.trl_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.trl_path, env.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -328,6 +341,13 @@ def summarise(runs: list[dict]) -> dict:
             "peak_rss": a["peak_rss_mib"] / t["peak_rss_mib"],
         }
         out["goal_met"] = out["ratios"]["speedup_s_per_iteration"] >= 2.0 and out["ratios"]["peak_rss"] <= 1.0
+    p = per["trl+alignkit"]
+    if "skipped" not in p and "skipped" not in t:
+        out["patched_trl"] = {
+            "speedup_s_per_iteration": t["s_per_iteration"] / p["s_per_iteration"],
+            "throughput_tokens_per_s": p["tokens_per_s"] / t["tokens_per_s"],
+            "peak_rss": p["peak_rss_mib"] / t["peak_rss_mib"],
+        }
     return out
 
 
@@ -405,6 +425,14 @@ def render(data: dict) -> str:
                 f"({r['speedup_fastest_iteration']:.2f}x on the fastest iteration), "
                 f"{r['throughput_tokens_per_s']:.2f}x tokens/s, {r['peak_rss']:.2f}x peak RSS "
                 f"(goal >= 2x at <= 1x: {goal})",
+            ]
+        if "patched_trl" in block["summary"]:
+            r = block["summary"]["patched_trl"]
+            lines += [
+                "",
+                "TRL patched by alignkit.compat.trl vs TRL: "
+                f"{r['speedup_s_per_iteration']:.2f}x iterations/s, "
+                f"{r['throughput_tokens_per_s']:.2f}x tokens/s, {r['peak_rss']:.2f}x peak RSS",
             ]
         lines += ["", "Reward per iteration (mean of 64 completions):", ""]
         for run in block["runs"]:

@@ -196,6 +196,56 @@ def test_fused_method_matches_the_logits_path(batch_size):
     assert torch.equal(logps[1, -3:], torch.zeros(3)) and torch.equal(entropies[1, -3:], torch.zeros(3))
 
 
+def grpo_batch(prompts=3, n=4, prompt_len=7, completion_len=9, vocab=257):
+    """TRL's GRPO layout: each prompt (left-padded, lengths differ) repeated n times, then
+    right-padded completions (some end early)."""
+    rows = prompts * n
+    input_ids = torch.randint(0, vocab, (rows, prompt_len + completion_len))
+    attention_mask = torch.ones_like(input_ids)
+    for p in range(prompts):
+        group = slice(p * n, (p + 1) * n)
+        input_ids[group, :prompt_len] = torch.randint(0, vocab, (prompt_len,))
+        attention_mask[group, : 2 * p] = 0  # prompt p has 2p padding tokens
+    for r in range(rows):
+        attention_mask[r, prompt_len + 1 + r % completion_len :] = 0
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("batch_size", [None, 5])
+def test_fused_method_forwards_each_prompt_once(monkeypatch, batch_size):
+    """GRPO's repeated prompts run once per chunk, with the values and gradients of TRL's whole
+    rows (at TRL's positions: the columns, no position ids)."""
+    calls = []
+    real = T.alignkit.shared_prompt_logprobs
+
+    def counting(lm, prompt_ids, *args, **kwargs):
+        calls.append((prompt_ids.shape[0], args[1].shape[0]))
+        return real(lm, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(T.alignkit, "shared_prompt_logprobs", counting)
+    model = tiny_causal_lm()
+    trainer = StandInTrainer()
+    fused = T.fused_per_token_logps_and_entropies(StandInTrainer._get_per_token_logps_and_entropies)
+    input_ids, attention_mask = grpo_batch()
+    logps, entropies, _ = fused(
+        trainer, model, input_ids, attention_mask, 9, batch_size=batch_size, compute_entropy=True
+    )
+    assert calls and all(prompts < rows for prompts, rows in calls) and trainer.original_calls == 0
+    assert calls[0] == ((3, 12) if batch_size is None else (2, 5))
+    weights = torch.randn(12, 9)
+    ((logps + 0.3 * entropies) * weights).sum().backward()
+    grads = params_grad(model)
+    model.zero_grad()
+    ref_logps, ref_ent, _ = StandInTrainer._get_per_token_logps_and_entropies(
+        trainer, model, input_ids, attention_mask, 9, compute_entropy=True
+    )
+    ((ref_logps + 0.3 * ref_ent) * weights).sum().backward()
+    assert logps.shape == (12, 9)
+    assert_close(logps, ref_logps, rtol=1e-5)
+    assert_close(entropies, ref_ent, rtol=1e-5)
+    assert_close(grads, params_grad(model), rtol=1e-4, name="parameter gradients")
+
+
 def test_fused_method_without_entropy_and_the_two_value_return():
     def two_values(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False

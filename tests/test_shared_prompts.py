@@ -164,6 +164,30 @@ def test_shared_prompt_logprobs_floor_and_hidden(model_dir):
     assert_close(hidden[real], want[real], rtol=1e-7, name="hidden")
 
 
+def test_shared_prompt_logprobs_column_positions(model_dir):
+    """prompt_position_ids=arange(P): the positions of whole left-padded rows scored without
+    position ids (TRL's convention), which GPT-2's learned positions tell apart."""
+    model = _load(model_dir)
+    ids, mask, start = _rows([2, 5], 3, [4, 2, 4, 3, 4, 1])
+    b = alignkit.split_shared_prompts(ids, mask, start)
+    P = int(start[0])
+    assert b.prompt_ids.shape[1] == P  # the longest prompt fills the prompt columns
+    columns = torch.arange(P).expand_as(b.prompt_ids)
+    logp = alignkit.shared_prompt_logprobs(
+        model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.prompt_index,
+        prompt_position_ids=columns,
+    )  # fmt: skip
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1]  # no position ids
+    labels = ids[:, P:].masked_fill(mask[:, P:] == 0, IGNORE)
+    ref, _ = ref_logprobs(logits, labels[:, : logits.shape[1]])
+    assert_close(logp, ref[:, : logp.shape[1]], rtol=1e-7, name="logp")
+    with pytest.raises(ValueError, match="prompt_position_ids"):
+        alignkit.shared_prompt_logprobs(
+            model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.prompt_index,
+            prompt_position_ids=columns[:, :1],
+        )  # fmt: skip
+
+
 def test_split_shared_prompts_layouts():
     """The rollout layout (left-padded prompts) and the buffer's (right-padded rows) split alike."""
     ids, mask, start = _rows([3, 1, 3], 2, [2, 4, 1, 3, 4, 2])

@@ -32,6 +32,7 @@ import torch
 import alignkit
 
 from .. import _checks
+from ..ops.shared_prompts import supports_shared_prompts
 from . import patching
 from .patching import PatchHandle, PatchWarning
 
@@ -264,6 +265,9 @@ def fused_completion_logprobs(
     :func:`alignkit.fused_linear_logprobs`. Position t scores ``input_ids[:, t]`` from the state at
     t - 1; padded positions (``attention_mask == 0``) give 0, as in TRL 1.16. (B, k) each."""
     keep = min(int(logits_to_keep), input_ids.shape[1] - 1)
+    shared = _shared_prompt_logprobs(lm, input_ids, attention_mask, keep, temperature, return_entropy)
+    if shared is not None:
+        return shared
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]  # (B, T, H)
     hidden = hidden[:, -keep - 1 : -1]  # (B, k, H): the states that predict the kept tokens
@@ -276,6 +280,36 @@ def fused_completion_logprobs(
         return alignkit.fused_linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
         )
+
+
+def _shared_prompt_logprobs(lm, input_ids, attention_mask, keep, temperature, return_entropy):
+    """The same values with each distinct prompt forwarded once (GRPO's num_generations rows
+    repeat it): :func:`alignkit.shared_prompt_logprobs` at TRL's positions (the columns: TRL passes
+    no position ids). None where it does not apply: no prompt repeats, a model without full
+    attention, or rows whose real tokens are not one run (TRL's own layout always is)."""
+    rows, width = input_ids.shape
+    start = width - keep  # TRL's layout: left-padded prompts, then the completions
+    real = attention_mask.bool()
+    first = real.to(torch.int8).argmax(-1)
+    end = first + real.sum(-1)
+    columns = torch.arange(width, device=input_ids.device)
+    one_run = bool((real == ((columns >= first[:, None]) & (columns < end[:, None]))).all())
+    if rows < 2 or not one_run or bool((first >= start).any()) or not supports_shared_prompts(lm):
+        return None
+    split = alignkit.split_shared_prompts(input_ids, attention_mask, torch.full_like(first, start))
+    if split.prompt_ids.shape[0] == rows:
+        return None
+    prompt_width = split.prompt_ids.shape[1]
+    positions = (start - prompt_width + torch.arange(prompt_width, device=input_ids.device)).expand_as(
+        split.prompt_ids
+    )
+    out = alignkit.shared_prompt_logprobs(
+        lm, split.prompt_ids, split.prompt_mask, split.response_ids, split.response_mask, split.prompt_index,
+        temperature=temperature, return_entropy=return_entropy, prompt_position_ids=positions,
+    )  # fmt: skip
+    pad = keep - split.response_ids.shape[1]  # completions that all ended before the last column
+    out = tuple(torch.nn.functional.pad(o, (0, pad)) for o in (out if return_entropy else (out,)))
+    return out if return_entropy else out[0]
 
 
 def fused_per_token_logps_and_entropies(original: Callable[..., Any]) -> Callable[..., Any]:

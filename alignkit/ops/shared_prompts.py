@@ -132,6 +132,7 @@ def shared_prompt_logprobs(
     return_entropy: bool = False,
     logit_floor: torch.Tensor | None = None,
     return_hidden: bool = False,
+    prompt_position_ids: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -144,7 +145,12 @@ def shared_prompt_logprobs(
         prompt_index: (N,) integer, row r continues prompt ``prompt_index[r]``.
         temperature, logit_floor ((N, T)), chunk_size, backend: as in
             :func:`~alignkit.ops.logprobs.causal_lm_logprobs`.
-        return_hidden: also return the (N, T, H) last hidden states that predict the responses.
+        return_hidden: also return the (N, T, H) last hidden states that predict the responses
+            (the lm_head scores them in its own dtype: an fp32 head on a bf16 body sees fp32 states).
+        prompt_position_ids: (U, P) integer positions of the prompt columns; the responses continue
+            from each prompt's last position + 1. Default: ``cumsum(prompt_mask) - 1`` (real tokens
+            count from 0, as the rollout engine and ``generate`` place them). TRL scores whole rows
+            without position ids, so its positions are the columns: pass ``arange(P)`` for that.
 
     Returns:
         logp (N, T) float32 (float64 for a float64 model), 0 at response padding; then entropy with
@@ -178,6 +184,14 @@ def shared_prompt_logprobs(
                 "prompt_mask must be left-padded: the last column of every prompt is a real token"
             )
     return_hidden = _checks.flag(return_hidden, "return_hidden")
+    if prompt_position_ids is not None:
+        prompt_position_ids = _checks.integer_tensor(prompt_position_ids, "prompt_position_ids")
+        if prompt_position_ids.shape != prompt_ids.shape:
+            raise ValueError(
+                f"prompt_position_ids must have the shape of prompt_ids {tuple(prompt_ids.shape)}, "
+                f"got {tuple(prompt_position_ids.shape)}"
+            )
+        _checks.same_device(prompt_position_ids, "prompt_position_ids", prompt_ids, "prompt_ids")
     if not supports_shared_prompts(model):
         raise ValueError(
             f"model ({type(model).__name__}) cannot share prompt states: it needs a base_model body, full "
@@ -199,17 +213,22 @@ def shared_prompt_logprobs(
     columns = torch.arange(P, device=prompt_ids.device)
     real = columns < lengths[:, None]  # (U, P) right-padded mask
     source = (columns + (P - lengths)[:, None]).clamp(max=P - 1)
+    if prompt_position_ids is None:
+        positions = torch.where(real, columns, 0)  # (U, P): real tokens count from 0
+    else:
+        positions = torch.where(real, prompt_position_ids.gather(1, source), 0)
     out = body(
         input_ids=torch.where(real, prompt_ids.gather(1, source), 0), attention_mask=real.long(),
-        position_ids=torch.where(real, columns, 0), use_cache=True, **{cache_kwarg: cache},
+        position_ids=positions, use_cache=True, **{cache_kwarg: cache},
     )  # fmt: skip
+    next_position = positions.gather(1, (lengths - 1)[:, None])[:, 0] + 1  # (U,)
     states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (U, P, H)
     last = states.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, states.shape[-1]))  # (U, 1, H)
     hidden = last[prompt_index][:, :T]  # (N, min(T, 1), H): predicts response token 0
     if T > 1:
         # The prompt states, copied to their rows (an index: backward sums the rows' gradients).
         cache.batch_select_indices(prompt_index)
-        positions = lengths[prompt_index, None] + torch.arange(T - 1, device=response_ids.device)
+        positions = next_position[prompt_index, None] + torch.arange(T - 1, device=response_ids.device)
         keys_mask = torch.cat([real[prompt_index], response_mask[:, :-1]], dim=1).long()  # (N, P + T - 1)
         out = body(
             input_ids=response_ids[:, :-1], attention_mask=keys_mask, position_ids=positions,
@@ -219,7 +238,7 @@ def shared_prompt_logprobs(
         hidden = torch.cat([hidden, states], dim=1)  # (N, T, H)
     labels = response_ids.to(torch.int64).masked_fill(~response_mask, -100)
     result = fused_linear_logprobs(
-        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=-100,
+        hidden.to(weight.dtype), weight, labels, bias=bias, temperature=temperature, ignore_index=-100,
         return_entropy=return_entropy, chunk_size=chunk_size, logit_floor=logit_floor, backend=backend,
     )  # fmt: skip
     if not return_hidden:
