@@ -164,6 +164,23 @@ def params_grad(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+def assert_matches_the_logits_path(trainer, model, input_ids, attention_mask, keep, logps, entropies):
+    """The fused method's log-probs, entropies and parameter gradients (of a random weighting of
+    both) equal TRL's materialised-logits computation; returns TRL's log-probs."""
+    weights = torch.randn(logps.shape)
+    ((logps + 0.3 * entropies) * weights).sum().backward()
+    grads = params_grad(model)
+    model.zero_grad()
+    ref_logps, ref_ent, _ = StandInTrainer._get_per_token_logps_and_entropies(
+        trainer, model, input_ids, attention_mask, keep, compute_entropy=True
+    )
+    ((ref_logps + 0.3 * ref_ent) * weights).sum().backward()
+    assert_close(logps, ref_logps, rtol=1e-5)
+    assert_close(entropies, ref_ent, rtol=1e-5)
+    assert_close(grads, params_grad(model), rtol=1e-4, name="parameter gradients")
+    return ref_logps
+
+
 @pytest.mark.parametrize("batch_size", [None, 3])
 def test_fused_method_matches_the_logits_path(batch_size):
     model = tiny_causal_lm()
@@ -175,17 +192,9 @@ def test_fused_method_matches_the_logits_path(batch_size):
     )
     assert trainer.original_calls == 0 and aux is None
     assert logps.shape == entropies.shape == (4, 11)
-    weights = torch.randn(4, 11)
-    ((logps + 0.3 * entropies) * weights).sum().backward()
-    grads = params_grad(model)
-    model.zero_grad()
-    ref_logps, ref_ent, _ = StandInTrainer._get_per_token_logps_and_entropies(
-        trainer, model, input_ids, attention_mask, 11, compute_entropy=True
+    ref_logps = assert_matches_the_logits_path(
+        trainer, model, input_ids, attention_mask, 11, logps, entropies
     )
-    ((ref_logps + 0.3 * ref_ent) * weights).sum().backward()
-    assert_close(logps, ref_logps, rtol=1e-5)
-    assert_close(entropies, ref_ent, rtol=1e-5)
-    assert_close(grads, params_grad(model), rtol=1e-4, name="parameter gradients")
     # against the float64 oracle, no worse than the plain fp32 computation (plus fp32 slack)
     with torch.no_grad():
         oracle, _ = logits_logprobs(
@@ -232,18 +241,8 @@ def test_fused_method_forwards_each_prompt_once(monkeypatch, batch_size):
     )
     assert calls and all(prompts < rows for prompts, rows in calls) and trainer.original_calls == 0
     assert calls[0] == ((3, 12) if batch_size is None else (2, 5))
-    weights = torch.randn(12, 9)
-    ((logps + 0.3 * entropies) * weights).sum().backward()
-    grads = params_grad(model)
-    model.zero_grad()
-    ref_logps, ref_ent, _ = StandInTrainer._get_per_token_logps_and_entropies(
-        trainer, model, input_ids, attention_mask, 9, compute_entropy=True
-    )
-    ((ref_logps + 0.3 * ref_ent) * weights).sum().backward()
     assert logps.shape == (12, 9)
-    assert_close(logps, ref_logps, rtol=1e-5)
-    assert_close(entropies, ref_ent, rtol=1e-5)
-    assert_close(grads, params_grad(model), rtol=1e-4, name="parameter gradients")
+    assert_matches_the_logits_path(trainer, model, input_ids, attention_mask, 9, logps, entropies)
 
 
 def test_fused_method_without_entropy_and_the_two_value_return():
