@@ -73,3 +73,16 @@ def test_regular_wheel_install_exposes_no_top_level_kernels(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(str(site_dir)), proc.stdout
+
+
+def test_import_does_not_load_numba_until_a_cpu_op_runs():
+    """numba (~60 MiB) loads with the first numba-backed CPU op, not with ``import alignkit``."""
+    code = (
+        "import sys, torch, alignkit\n"
+        "assert 'numba' not in sys.modules, 'import alignkit loaded numba'\n"
+        "x = torch.randn(2, 3)\n"
+        "alignkit.ppo_policy_loss(x, x, x, torch.ones(2, 3))\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable
-
-import numba
 
 # Row-parallel (prange) kernels pay a fork/join of numba's thread pool per call; measured on an idle
 # 2-core machine, GAE at 64x512 (32k elements) already ran 1.9x faster in parallel, 64x4096 1.95x.
@@ -16,8 +15,23 @@ PARALLEL_MIN_ELEMENTS = 1 << 15
 _PARALLEL_LOCK = threading.Lock()
 
 
+class LazyModule:
+    """Stands for module ``name`` and imports it on first attribute access (then a sys.modules
+    lookup; the import lock makes a first use from two threads safe): the numba kernels' modules
+    load numba (~60 MiB, a quarter second) only when a CPU op first runs, so ``import alignkit``
+    stays light on GPU machines and for rollout-only use."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
 def run_rows(serial: Callable, parallel: Callable, n_elements: int, *args) -> None:
     """Run a numba row kernel: its ``prange`` twin for large inputs on several threads, else serial."""
+    import numba  # loaded already: the caller is a numba kernel module
+
     if n_elements >= PARALLEL_MIN_ELEMENTS and numba.config.NUMBA_NUM_THREADS > 1:
         with _PARALLEL_LOCK:
             parallel(*args)

@@ -12,8 +12,9 @@ import torch
 
 from .. import _checks
 from .. import backend as _backend
-from ..cpu import advantages as _cpu
-from ..cpu import to_numpy
+from ..cpu import LazyModule, to_numpy
+
+_cpu = LazyModule("alignkit.cpu.advantages")  # numba loads on the first CPU scan
 
 _backend.register_op("gae")
 _backend.register_op("gae_packed")

@@ -37,13 +37,14 @@ import torch
 from .. import _checks
 from .. import backend as _backend
 from .. import loss_layout as L
+from ..cpu import LazyModule, mask_to_numpy, to_numpy
 from ..cpu import logprobs as _cpu_logprobs
-from ..cpu import losses as _cpu_losses
-from ..cpu import mask_to_numpy, to_numpy
 from .logprobs import validate_label_range, validate_labels, validate_lm_head, validate_logit_floor
 from .loss_config import FIELDS, UNSET, PolicyLossConfig, resolve_config
 from .loss_pass import packed_width, policy_loss_and_metrics, policy_stats, row_weights, scale_rows
 from .losses import METRIC_KEYS, packed_offsets, select_metrics
+
+_cpu_losses = LazyModule("alignkit.cpu.losses")  # numba loads on the first CPU loss
 
 _backend.register_op("fused_linear_ppo_loss")
 

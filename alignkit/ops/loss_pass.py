@@ -20,9 +20,10 @@ import torch
 
 from .. import _checks
 from .. import loss_layout as L
-from ..cpu import losses as _cpu
-from ..cpu import mask_to_numpy, to_numpy
+from ..cpu import LazyModule, mask_to_numpy, to_numpy
 from .loss_config import PolicyLossConfig
+
+_cpu = LazyModule("alignkit.cpu.losses")  # numba loads on the first CPU loss
 
 
 def row_weights(counts: torch.Tensor, agg: str, agg_scale: float | None, T: int) -> torch.Tensor:
