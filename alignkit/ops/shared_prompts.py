@@ -53,8 +53,8 @@ def split_shared_prompts(
     the prompts: rows whose prompt tokens are equal share one prompt row.
 
     Gather per-token fields of the input layout into the response layout with
-    ``field.gather(1, batch.response_columns)`` (and ``batch.response_mask``). One host read (the
-    number of distinct prompts)."""
+    ``field.gather(1, batch.response_columns)`` (and ``batch.response_mask``). Reads three numbers on
+    the host (the widths and the number of distinct prompts): a device sync on CUDA."""
     input_ids = _checks.integer_tensor(input_ids, "input_ids")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (N, L) integer tensor, got shape {tuple(input_ids.shape)}")
