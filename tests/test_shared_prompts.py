@@ -263,3 +263,31 @@ def test_shared_prompts_reject_sliding_window():
         alignkit.shared_prompt_logprobs(
             model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.prompt_index
         )
+
+
+@pytest.mark.gpu
+def test_shared_prompt_logprobs_gpu_fp32(model_dir):
+    """On CUDA (Triton fused log-probs, fp32): no further from the float64 oracle than whole rows in
+    fp32, and the same parameter gradients."""
+    ids, mask, start = _rows([3, 9, 5], 4, [7, 1, 8, 8, 2, 8, 3, 4, 8, 1, 6, 5])
+    with torch.no_grad():
+        oracle, _ = _oracle(_load(model_dir), ids, mask, start)
+    model = _load(model_dir, dtype=torch.float32).cuda()
+    ids, mask, start = ids.cuda(), mask.cuda(), start.cuda()
+    b = alignkit.split_shared_prompts(ids, mask, start)
+    logp = alignkit.shared_prompt_logprobs(
+        model, b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask, b.prompt_index
+    )
+    T = b.response_ids.shape[1]
+    whole = alignkit.causal_lm_logprobs(
+        model, ids, mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=T
+    )[:, : ids.shape[1] - int(start[0])]
+    err = float((logp.detach().cpu().double() - oracle).abs().max())
+    whole_err = float((whole.detach().cpu().double() - oracle[:, : whole.shape[1]]).abs().max())
+    assert err <= whole_err + 1e-5, (err, whole_err)
+    upstream = torch.randn_like(logp)
+    got = _grads(model, (logp,), (upstream,))
+    want = _grads(model, (whole,), (upstream[:, : whole.shape[1]],))
+    for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
+        if w is not None:
+            assert_close(g, w, rtol=1e-4, name=name)
