@@ -22,11 +22,12 @@
 #   3-peers          20     the peers of 2-*: torch / trl log-probs, verl       3-peers-*.json, .jsonl
 #                           loop / torchrl GAE
 #   3-rollout        20     bench_rollout                                       3-rollout.json(l), .log
+#   3-shared         20     bench_shared_prompts: shared vs whole rows, bf16    3-shared.json(l), .log
 #   3-trainer        20     alignkit demo --device cuda, 3 RL iterations        3-trainer/, .log
 #   3-fsdp2          15     bench/gpu_fsdp2.py under torchrun (skip if absent)  3-fsdp2.json, .log
 #   4-render         10     bench/render.py: markdown of every benchmark JSON   *.md
 #                   ---
-#                   430     = GPU_SH_BUDGET_S: a stage gets min(its limit, what is left); under
+#                   450     = GPU_SH_BUDGET_S: a stage gets min(its limit, what is left); under
 #                           10 s left, the remaining stages are marked not-run (a failure)
 #
 # Knobs: GPU_SH_DRY_RUN=1 prints the stages and their commands and runs nothing (tests/
@@ -43,7 +44,7 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"
 DRY="${GPU_SH_DRY_RUN:-0}"
 ONLY="${GPU_SH_STAGES:-}"
-BUDGET="${GPU_SH_BUDGET_S:-430}"
+BUDGET="${GPU_SH_BUDGET_S:-450}"
 RESULTS="${OUT:-$REPO/bench/results/gpu}"
 SUMMARY="$RESULTS/summary.tsv"
 START=$SECONDS
@@ -144,6 +145,7 @@ stage 3-losses 20 "$(bench 3-losses bench_losses.py)"
 stage 3-peers 20 "($(bench 3-peers-logprobs bench_logprobs.py 'not (alignkit or matmul or liger)')); \
 s=\$?; ($(bench 3-peers-gae bench_advantages.py 'not (alignkit or copy_bandwidth)')) && exit \$s"
 stage 3-rollout 20 "$(bench 3-rollout bench_rollout.py)"
+stage 3-shared 20 "$(bench 3-shared bench_shared_prompts.py)"
 stage 3-trainer 20 "$PY -m alignkit.cli demo --device cuda --iterations 3 --warm-start-steps 20 --held-out 32 \
 --eval-every 3 --no-progress --output $RESULTS/3-trainer"
 stage 3-fsdp2 15 "if [ ! -f bench/gpu_fsdp2.py ] || ! command -v torchrun >/dev/null; then \
