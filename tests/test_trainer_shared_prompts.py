@@ -34,14 +34,9 @@ def _run(model_dir, share, critic=False, **overrides):
     value_model = None
     if critic:
         value_model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1)
-    trainer = Trainer(
-        model,
-        tokenizer,
-        reward_fn=digit_share,
-        prompts=PROMPTS,
-        config=RLConfig(**options),
-        critic=value_model,
-    )
+    env = options.pop("env", None)
+    inputs = {"env": env} if env is not None else {"reward_fn": digit_share, "prompts": PROMPTS}
+    trainer = Trainer(model, tokenizer, config=RLConfig(**options), critic=value_model, **inputs)
     history = trainer.train()
     return trainer, history
 
@@ -52,11 +47,17 @@ CASES = {
     "dapo-top-p": dict(algorithm="dapo", top_p=0.9, temperature=0.8),
     "ppo-value-head": dict(algorithm="ppo", num_generations=2),
     "rloo-gspo": dict(algorithm="rloo", loss_type="gspo"),
+    # multi-turn episodes: observation tokens inside the response span, never trained
+    "env-ppo": dict(
+        algorithm="ppo", env="alignkit/GuessNumber-v0", max_new_tokens=3, max_turns=3, max_total_tokens=64
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_shared_prompts_train_what_whole_rows_train(model_dir, case):
+    if "env" in CASES[case]:
+        pytest.importorskip("gymnasium")
     shared, shared_history = _run(model_dir, True, **CASES[case])
     whole, whole_history = _run(model_dir, False, **CASES[case])
     assert shared.share_prompts and not whole.share_prompts
