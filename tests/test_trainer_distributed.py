@@ -1,6 +1,7 @@
 """The trainer under torchrun: 2 CPU processes (gloo) end with identical parameters, equal to a
 single-process run with the same global batch (prompts are split by rank, each prompt keeps its
-seed, losses are normalised by global counts and gradients summed across ranks)."""
+seed, losses are normalised by global counts and gradients summed across ranks; DAPO chooses its
+kept groups over both ranks, as one process would)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "dapo"])
 def test_two_ranks_match_one_process(model_dir, tmp_path, algorithm):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -61,3 +62,28 @@ def test_two_ranks_match_one_process(model_dir, tmp_path, algorithm):
                 assert a[key] is None
             else:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a[key], b[key])
+
+
+GATHER_SCRIPT = """
+import sys, torch
+from alignkit.trainer import distributed
+distributed.init_from_env(torch.device("cpu"))
+rank = distributed.rank()
+rows = torch.arange(rank + 1, dtype=torch.float32)[:, None].expand(-1, 3) + 10 * rank  # 1 and 2 rows
+got = distributed.all_gather_rows(rows)
+want = torch.cat([torch.zeros(1, 3), torch.tensor([[10.0] * 3, [11.0] * 3])])
+assert torch.equal(got, want), got
+assert distributed.all_gather_objects({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_gathers_of_unequal_rows(tmp_path):
+    """DAPO's kept groups can leave ranks with different row counts: the gathers take that."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd.append(str(script))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]

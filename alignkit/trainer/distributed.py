@@ -73,12 +73,27 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``tensor`` along dim 0 (in rank order; equal shapes)."""
+    """Concatenate every rank's ``tensor`` along dim 0, in rank order (the ranks may hold different
+    numbers of rows, e.g. after DAPO's refills; the other dimensions must agree)."""
     if not enabled():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    counts = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
+    sizes = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not enabled():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], *, bucket_bytes: int = 25 << 20) -> None:

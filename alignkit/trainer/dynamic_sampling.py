@@ -1,6 +1,12 @@
 """DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476): a group whose rewards are all equal
 has zero advantage everywhere and only dilutes the batch, so it is dropped and replaced by the
-groups of fresh prompts, up to ``dapo_max_refills`` extra rollouts per iteration."""
+groups of fresh prompts, up to ``dapo_max_refills`` extra rollouts per iteration.
+
+Under torchrun the choice is global: every rank samples its share of each (re)fill, the ranks'
+informative flags are gathered, the groups are taken in the order one process would take them
+(fill by fill, prompt slot by prompt slot), and the kept groups are dealt out evenly to the ranks,
+so the trained batch does not depend on the number of processes. When fewer informative groups
+than ranks are found, each rank trains on its first batch instead (as with none at all)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 import torch
 
 from ..rollout import Rollout
+from . import distributed
 
 
 def informative_groups(scores: torch.Tensor, n: int) -> list[int]:
@@ -59,6 +66,8 @@ def concat_groups(parts: list[tuple[Rollout, list[int]]], n: int, pad_id: int) -
 
 def refill_groups(trainer, iteration: int, prompts, rollout: Rollout, scores: torch.Tensor, per_fn):
     """Keep the informative groups of the first rollout and top them up from fresh prompts."""
+    if distributed.enabled():
+        return _refill_groups_global(trainer, iteration, prompts, rollout, scores, per_fn)
     cfg = trainer.config
     n, want = cfg.num_generations, len(prompts)
     kept_prompts: list[dict[str, Any]] = []
@@ -80,6 +89,66 @@ def refill_groups(trainer, iteration: int, prompts, rollout: Rollout, scores: to
     extra = {"dapo/kept_groups": len(kept_prompts), "dapo/refills": refills}
     if not kept_prompts:  # nothing informative: train on the first batch (its advantages are all 0)
         return prompts, rollout, scores, per_fn, extra
-    pad_id = next((int(i) for i in (rollout.prompt_ids[~rollout.prompt_mask.bool()]).tolist()[:1]), 0)
-    merged = concat_groups(parts, n, pad_id=pad_id)
+    merged = concat_groups(parts, n, pad_id=_pad_id(rollout))
     return kept_prompts, merged, torch.cat(kept_scores), per_fn, extra
+
+
+def _pad_id(rollout: Rollout) -> int:
+    return next((int(i) for i in (rollout.prompt_ids[~rollout.prompt_mask.bool()]).tolist()[:1]), 0)
+
+
+def _group(rollout: Rollout, prompts, scores: torch.Tensor, g: int, n: int) -> dict[str, Any]:
+    """Group ``g`` (rows g*n ... g*n + n - 1) as CPU tensors and lists: what the ranks exchange."""
+    rows = slice(g * n, (g + 1) * n)
+    cpu = {name: getattr(rollout, name)[rows].cpu() for name in
+           ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs")}  # fmt: skip
+    cpu["logit_floor"] = None if rollout.logit_floor is None else rollout.logit_floor[rows].cpu()
+    return {
+        **cpu, "finish_reason": rollout.finish_reason[rows],
+        "texts": None if rollout.texts is None else rollout.texts[rows], "prompt": prompts[g],
+        "scores": scores[rows].cpu(),
+    }  # fmt: skip
+
+
+def _refill_groups_global(trainer, iteration: int, prompts, rollout: Rollout, scores: torch.Tensor, per_fn):
+    """:func:`refill_groups` over every rank's groups (module docstring)."""
+    cfg = trainer.config
+    n, per_rank, world, rank = cfg.num_generations, len(prompts), trainer.world_size, trainer.rank
+    want = per_rank * world
+    chosen: list[tuple[int, int, dict[str, Any]]] = []  # (fill, global slot, group) held by this rank
+    kept = refills = 0
+    current_prompts, current, current_scores = prompts, rollout, scores
+    while True:
+        flags = torch.zeros(per_rank, dtype=torch.int64, device=current_scores.device)
+        flags[informative_groups(current_scores, n)] = 1
+        slots = torch.nonzero(distributed.all_gather_rows(flags)).reshape(-1).tolist()[: want - kept]
+        for slot in slots:
+            if slot // per_rank == rank:
+                group = _group(current, current_prompts, current_scores, slot % per_rank, n)
+                chosen.append((refills, slot, group))
+        kept += len(slots)
+        if kept >= want or refills >= cfg.dapo_max_refills:
+            break
+        refills += 1
+        current_prompts = trainer.select_prompts(iteration, stream=refills)
+        current = trainer.rollout(current_prompts, iteration, stream=refills)
+        current_scores, _ = trainer.rewards(current_prompts, current)
+    extra = {"dapo/kept_groups": kept, "dapo/refills": refills}
+    if kept < world:  # not one group per rank: every rank trains on its first batch
+        return prompts, rollout, scores, per_fn, extra
+    gathered = [c for part in distributed.all_gather_objects(chosen) for c in part]
+    everything = sorted(gathered, key=lambda c: c[:2])  # one process's order: fill, then slot
+    share = [group for _, _, group in everything[rank * kept // world : (rank + 1) * kept // world]]
+    device = rollout.prompt_ids.device
+    parts = []
+    for group in share:
+        tensors = {k: v.to(device) for k, v in group.items() if isinstance(v, torch.Tensor) and k != "scores"}
+        tensors.setdefault("logit_floor", None)
+        part = Rollout(
+            **tensors, finish_reason=group["finish_reason"], texts=group["texts"],
+            group_ids=torch.zeros(n, dtype=torch.int64, device=device),
+        )  # fmt: skip
+        parts.append((part, [0]))
+    merged = concat_groups(parts, n, pad_id=_pad_id(rollout))
+    kept_scores = torch.cat([group["scores"] for group in share]).to(scores.device)
+    return [group["prompt"] for group in share], merged, kept_scores, per_fn, extra
