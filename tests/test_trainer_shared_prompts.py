@@ -84,13 +84,13 @@ def test_shared_prompts_with_a_critic(model_dir):
 def test_shared_prompts_forward_each_prompt_once(model_dir, monkeypatch):
     """The update's forward runs the distinct prompts (4) once, not the 16 rows."""
     calls = []
-    real = response_scoring.shared_prompt_logprobs
+    real = response_scoring.shared_prompt_hidden
 
     def counting(model, prompt_ids, *args, **kwargs):
         calls.append((prompt_ids.shape[0], args[1].shape[0]))  # (prompts, response rows)
         return real(model, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(response_scoring, "shared_prompt_logprobs", counting)
+    monkeypatch.setattr(response_scoring, "shared_prompt_hidden", counting)
     _run(model_dir, True, iterations=1)
     assert calls == [(4, 16)]
 
@@ -126,13 +126,13 @@ def test_group_minibatches_keep_groups_and_the_budget():
 def test_minibatches_forward_whole_groups(model_dir, monkeypatch):
     """With a budget of about two groups, every shared forward holds whole groups of 4 rows."""
     calls = []
-    real = response_scoring.shared_prompt_logprobs
+    real = response_scoring.shared_prompt_hidden
 
     def counting(model, prompt_ids, *args, **kwargs):
         calls.append((prompt_ids.shape[0], args[1].shape[0]))
         return real(model, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(response_scoring, "shared_prompt_logprobs", counting)
+    monkeypatch.setattr(response_scoring, "shared_prompt_hidden", counting)
     _run(model_dir, True, iterations=1, minibatch_tokens=90)
     assert sum(rows for _, rows in calls) == 16 and len(calls) > 1
     assert all(rows == 4 * prompts for prompts, rows in calls), calls

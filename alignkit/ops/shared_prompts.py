@@ -31,7 +31,13 @@ import torch
 from .. import _checks
 from .logprobs import check_token_range, fused_linear_logprobs, output_head
 
-__all__ = ["SharedPromptBatch", "shared_prompt_logprobs", "split_shared_prompts", "supports_shared_prompts"]
+__all__ = [
+    "SharedPromptBatch",
+    "shared_prompt_hidden",
+    "shared_prompt_logprobs",
+    "split_shared_prompts",
+    "supports_shared_prompts",
+]
 
 
 class SharedPromptBatch(NamedTuple):
@@ -120,7 +126,7 @@ def supports_shared_prompts(model: torch.nn.Module) -> bool:
     )
 
 
-def shared_prompt_logprobs(
+def shared_prompt_hidden(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -128,34 +134,11 @@ def shared_prompt_logprobs(
     response_mask: torch.Tensor,
     prompt_index: torch.Tensor,
     *,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    logit_floor: torch.Tensor | None = None,
-    return_hidden: bool = False,
     prompt_position_ids: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    backend: str | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Per-token log-probs (and entropy) of the responses, each distinct prompt forwarded once.
-
-    Args:
-        model: a ``*ForCausalLM`` with full attention (see :func:`supports_shared_prompts`).
-        prompt_ids, prompt_mask: (U, P) left-padded distinct prompts, at least one real token each.
-        response_ids, response_mask: (N, T) right-padded responses.
-        prompt_index: (N,) integer, row r continues prompt ``prompt_index[r]``.
-        temperature, logit_floor ((N, T)), chunk_size, backend: as in
-            :func:`~alignkit.ops.logprobs.causal_lm_logprobs`.
-        return_hidden: also return the (N, T, H) last hidden states that predict the responses
-            (the lm_head scores them in its own dtype: an fp32 head on a bf16 body sees fp32 states).
-        prompt_position_ids: (U, P) integer positions of the prompt columns; the responses continue
-            from each prompt's last position + 1. Default: ``cumsum(prompt_mask) - 1`` (real tokens
-            count from 0, as the rollout engine and ``generate`` place them). TRL scores whole rows
-            without position ids, so its positions are the columns: pass ``arange(P)`` for that.
-
-    Returns:
-        logp (N, T) float32 (float64 for a float64 model), 0 at response padding; then entropy with
-        ``return_entropy`` and the hidden states with ``return_hidden``, as ``causal_lm_logprobs``.
-    """
+) -> torch.Tensor:
+    """The (N, T, H) last hidden states that predict the response tokens (the body only, no
+    lm_head), each distinct prompt forwarded once; arguments as :func:`shared_prompt_logprobs`.
+    For a loss that applies the lm_head itself (``fused_linear_ppo_loss``)."""
     prompt_ids = _checks.integer_tensor(prompt_ids, "prompt_ids")
     response_ids = _checks.integer_tensor(response_ids, "response_ids")
     for name, ids in (("prompt_ids", prompt_ids), ("response_ids", response_ids)):
@@ -183,7 +166,6 @@ def shared_prompt_logprobs(
             raise ValueError(
                 "prompt_mask must be left-padded: the last column of every prompt is a real token"
             )
-    return_hidden = _checks.flag(return_hidden, "return_hidden")
     if prompt_position_ids is not None:
         prompt_position_ids = _checks.integer_tensor(prompt_position_ids, "prompt_position_ids")
         if prompt_position_ids.shape != prompt_ids.shape:
@@ -199,7 +181,6 @@ def shared_prompt_logprobs(
         )
     check_token_range(model, prompt_ids)
     check_token_range(model, response_ids)
-    weight, bias = output_head(model)
     body = model.base_model
     cache_kwarg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     from transformers import DynamicCache
@@ -236,7 +217,52 @@ def shared_prompt_logprobs(
         )  # fmt: skip
         states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (N, T - 1, H)
         hidden = torch.cat([hidden, states], dim=1)  # (N, T, H)
-    labels = response_ids.to(torch.int64).masked_fill(~response_mask, -100)
+    return hidden
+
+
+def shared_prompt_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    logit_floor: torch.Tensor | None = None,
+    return_hidden: bool = False,
+    prompt_position_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Per-token log-probs (and entropy) of the responses, each distinct prompt forwarded once.
+
+    Args:
+        model: a ``*ForCausalLM`` with full attention (see :func:`supports_shared_prompts`).
+        prompt_ids, prompt_mask: (U, P) left-padded distinct prompts, at least one real token each.
+        response_ids, response_mask: (N, T) right-padded responses.
+        prompt_index: (N,) integer, row r continues prompt ``prompt_index[r]``.
+        temperature, logit_floor ((N, T)), chunk_size, backend: as in
+            :func:`~alignkit.ops.logprobs.causal_lm_logprobs`.
+        return_hidden: also return the (N, T, H) last hidden states that predict the responses
+            (the lm_head scores them in its own dtype: an fp32 head on a bf16 body sees fp32 states).
+        prompt_position_ids: (U, P) integer positions of the prompt columns; the responses continue
+            from each prompt's last position + 1. Default: ``cumsum(prompt_mask) - 1`` (real tokens
+            count from 0, as the rollout engine and ``generate`` place them). TRL scores whole rows
+            without position ids, so its positions are the columns: pass ``arange(P)`` for that.
+
+    Returns:
+        logp (N, T) float32 (float64 for a float64 model), 0 at response padding; then entropy with
+        ``return_entropy`` and the hidden states with ``return_hidden``, as ``causal_lm_logprobs``.
+    """
+    return_hidden = _checks.flag(return_hidden, "return_hidden")
+    weight, bias = output_head(model)
+    hidden = shared_prompt_hidden(
+        model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
+        prompt_position_ids=prompt_position_ids,
+    )  # fmt: skip
+    labels = response_ids.to(torch.int64).masked_fill(~response_mask.bool(), -100)
     result = fused_linear_logprobs(
         hidden.to(weight.dtype), weight, labels, bias=bias, temperature=temperature, ignore_index=-100,
         return_entropy=return_entropy, chunk_size=chunk_size, logit_floor=logit_floor, backend=backend,

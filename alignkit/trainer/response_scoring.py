@@ -7,9 +7,10 @@ log-probs (entropy, hidden states) of the response tokens only, (N, T) aligned l
 that gathers the rows' per-token fields into the same layout.
 
 With ``share_prompts`` and rows that repeat a prompt (n samples per prompt), each distinct prompt
-runs once (:func:`~alignkit.ops.shared_prompts.shared_prompt_logprobs`); otherwise the whole rows
-run (:func:`~alignkit.ops.logprobs.causal_lm_logprobs`), the lm_head applied from the first
-response column on. Both give the same values (tests/test_trainer_shared_prompts.py).
+runs once (:func:`~alignkit.ops.shared_prompts.shared_prompt_hidden`); otherwise the whole rows
+run through the model's body. Either way the lm_head is applied to the response positions only
+(:func:`~alignkit.ops.logprobs.fused_linear_logprobs` here, or the caller's fused loss on
+:func:`response_hidden`'s states). Both give the same values (tests/test_trainer_shared_prompts.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.logprobs import causal_lm_logprobs
-from ..ops.shared_prompts import shared_prompt_logprobs, split_shared_prompts
+from ..ops.logprobs import check_token_range, fused_linear_logprobs, output_head
+from ..ops.shared_prompts import shared_prompt_hidden, split_shared_prompts
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,39 @@ def response_start(loss_mask: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return torch.where(trained.any(-1), trained.to(torch.int8).argmax(-1), end)
 
 
+def response_hidden(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    share_prompts: bool,
+) -> tuple[ResponseLayout, torch.Tensor, torch.Tensor]:
+    """(layout, response ids (N, T), hidden (N, T, H)): the last hidden states that predict each
+    response token of rows ``input_ids`` / ``attention_mask`` (N, L) whose responses begin at
+    columns ``start`` (N,); shared prompts when asked and some prompt repeats, else whole rows."""
+    split = split_shared_prompts(input_ids, attention_mask, start)
+    layout = ResponseLayout(split.response_columns, split.response_mask)
+    if share_prompts and split.prompt_ids.shape[0] < input_ids.shape[0]:
+        hidden = shared_prompt_hidden(
+            model, split.prompt_ids, split.prompt_mask, split.response_ids, split.response_mask,
+            split.prompt_index,
+        )  # fmt: skip
+        return layout, split.response_ids, hidden
+    check_token_range(model, input_ids)
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise ValueError(
+            f"model must have a base_model body separate from its lm_head, got {type(model).__name__}"
+        )
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (N, L, H)
+    # Column c - 1 predicts the token at column c.
+    index = (layout.columns - 1).clamp_min(0)[..., None].expand(-1, -1, states.shape[-1])
+    return layout, split.response_ids, states.gather(1, index)
+
+
 def score_responses(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -59,32 +93,15 @@ def score_responses(
     columns ``start`` (N,). ``logit_floor``: a per-token field of the rows (N, L) or None.
 
     outputs: ``(logp, [entropy,] [hidden])``, each (N, T[, H]), 0 (hidden: anything) off the mask."""
-    split = split_shared_prompts(input_ids, attention_mask, start)
-    layout = ResponseLayout(split.response_columns, split.response_mask)
+    layout, response_ids, hidden = response_hidden(
+        model, input_ids, attention_mask, start, share_prompts=share_prompts
+    )
+    weight, bias = output_head(model)
+    labels = response_ids.masked_fill(~layout.mask, -100)
     floor = None if logit_floor is None else layout.gather(logit_floor, float("-inf"))
-    if share_prompts and split.prompt_ids.shape[0] < input_ids.shape[0]:
-        out = shared_prompt_logprobs(
-            model, split.prompt_ids, split.prompt_mask, split.response_ids, split.response_mask,
-            split.prompt_index, temperature=temperature, return_entropy=return_entropy,
-            logit_floor=floor, return_hidden=return_hidden,
-        )  # fmt: skip
-        return layout, out if isinstance(out, tuple) else (out,)
-    # Whole rows; the lm_head runs on the last `keep` columns, which hold every response token.
-    width = input_ids.shape[1]
-    keep = min(max(int(width - start.min()), 1), width - 1) if start.numel() else 1
-    first = width - keep  # the first kept (scored) column
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = causal_lm_logprobs(
-        model, input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=keep,
-        temperature=temperature, return_entropy=return_entropy, return_hidden=return_hidden,
-        logit_floor=None if logit_floor is None else logit_floor[:, first:], chunk_size=None,
+    out = fused_linear_logprobs(
+        hidden.to(weight.dtype), weight, labels, bias=bias, temperature=temperature,
+        return_entropy=return_entropy, logit_floor=floor,
     )  # fmt: skip
     out = out if isinstance(out, tuple) else (out,)
-    index = (layout.columns - first).clamp_min(0)  # (N, T): kept column of each response token
-    gathered = []
-    for tensor in out:
-        if tensor.dim() == 3:
-            gathered.append(tensor.gather(1, index[..., None].expand(-1, -1, tensor.shape[-1])))
-        else:
-            gathered.append(tensor.gather(1, index).masked_fill(~layout.mask, 0.0))
-    return layout, tuple(gathered)
+    return layout, (*out, hidden) if return_hidden else out
