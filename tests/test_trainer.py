@@ -214,3 +214,56 @@ def test_trainer_refuses_bad_setups_before_compute(model_dir):
         RLConfig(prompts_per_iteration=0)
     with pytest.raises(TypeError, match="reward_fn entries must be callable"):
         Trainer(model, tokenizer, reward_fn=[3], prompts=PROMPTS)
+
+
+def _unfused_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, *, bias, temperature, config,
+                      ref_logp, is_weights, logit_floor):  # fmt: skip
+    """fused_linear_ppo_loss's definition: the fused log-probs, then ppo_policy_loss."""
+    logp, entropy = alignkit.fused_linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+        logit_floor=logit_floor,
+    )  # fmt: skip
+    return alignkit.ppo_policy_loss(
+        logp, old_logp, advantages, mask, config=config, entropy=entropy, ref_logp=ref_logp,
+        is_weights=is_weights,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(algorithm="grpo", ppo_epochs=2, kl_coef=0.05, top_k=7, entropy_coef=0.01, minibatch_tokens=64),
+        dict(algorithm="ppo", rollout_correction="tis"),
+    ],
+    ids=["grpo-epochs-kl-topk", "ppo-tis"],
+)
+def test_fused_ppo_loss_trains_what_its_definition_trains(model_dir, monkeypatch, options):
+    """With old log-probs from the scoring pass the update's loss is fused_linear_ppo_loss (hidden
+    states to the loss in one pass): a run equals one whose loss is the op's definition."""
+    import alignkit.trainer.trainer as trainer_module
+
+    def run():
+        torch.manual_seed(0)
+        trainer = _trainer(model_dir, iterations=3, **options)
+        assert not trainer.old_logp_from_update
+        return trainer, trainer.train()
+
+    fused, fused_history = run()
+    if options.get("kl_coef"):  # the reference is scored untruncated: a finite KL under top-k
+        assert all(math.isfinite(m["kl/mean"]) for m in fused_history)
+    calls = []
+
+    def unfused(*args, **kwargs):
+        calls.append(1)
+        return _unfused_ppo_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fused_linear_ppo_loss", unfused)
+    plain, plain_history = run()
+    assert calls
+    for a, b in zip(fused_history, plain_history, strict=True):
+        for key, value in b.items():
+            if key in TIME_KEYS or not isinstance(value, float):
+                continue
+            assert math.isclose(a[key], value, rel_tol=1e-4, abs_tol=1e-5), (a["iteration"], key)
+    for p, q in zip(fused.trainable_parameters(), plain.trainable_parameters(), strict=True):
+        assert (p - q).abs().max() < 1e-5

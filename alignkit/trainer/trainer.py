@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from .. import _checks
+from ..ops.fused_ppo import fused_linear_ppo_loss
+from ..ops.logprobs import fused_linear_logprobs, output_head
 from ..ops.loss_config import PolicyLossConfig
 from ..ops.losses import kl_penalty, ppo_policy_loss, value_loss
 from ..ops.rollout_correction import rollout_correction_weights
@@ -55,7 +57,7 @@ from .modeling import (
     load_model,
     train_mode_without_dropout,
 )
-from .response_scoring import response_start, score_responses
+from .response_scoring import response_hidden, response_start, score_responses
 from .rewards import RewardFunction
 from .value import ValueHead, check_critic, critic_values, hidden_size_of
 
@@ -324,12 +326,14 @@ class Trainer:
         rows_per_chunk = max(1, self.config.minibatch_tokens // ids.shape[1])
         old, ref, values = [], [], []
 
-        def scored(model, rows, share, *, hidden=False) -> tuple[torch.Tensor, ...]:
-            """The rows' (N, T) outputs, in the rollout's response layout."""
+        def scored(model, rows, share, *, hidden=False, truncated=True) -> tuple[torch.Tensor, ...]:
+            """The rows' (N, T) outputs, in the rollout's response layout. ``truncated``: under the
+            sampler's top-k / top-p floor (the policy); the reference's own distribution is not
+            truncated (the floor is a policy logit, meaningless on the reference's logits)."""
+            row_floor = floor[rows] if floor is not None and truncated else None
             layout, out = score_responses(
                 model, ids[rows], mask[rows], start[rows], share_prompts=share,
-                temperature=self.config.temperature, logit_floor=None if floor is None else floor[rows],
-                return_hidden=hidden,
+                temperature=self.config.temperature, logit_floor=row_floor, return_hidden=hidden,
             )  # fmt: skip
             width = T - layout.columns.shape[1]  # responses may end before the rollout's width
             return tuple(
@@ -349,10 +353,10 @@ class Trainer:
                     critic_values(self.critic, ids[rows], mask[rows], rollout.position_ids()[rows], T)
                 )
             if self.ref_model is not None:
-                ref.append(scored(self.ref_model, rows, self.share_reference_prompts)[0])
+                ref.append(scored(self.ref_model, rows, self.share_reference_prompts, truncated=False)[0])
             elif self.reference_is_base:
                 with self.peft_model.disable_adapter():
-                    ref.append(scored(self.model, rows, self.share_prompts)[0])
+                    ref.append(scored(self.model, rows, self.share_prompts, truncated=False)[0])
         # Without a policy pass, the sampler's log-probs stand in until the update recomputes them.
         old_logp = torch.cat(old) if old else rollout.logprobs.float()
         return old_logp, (torch.cat(ref) if ref else None), (torch.cat(values) if values else None)
@@ -481,41 +485,54 @@ class Trainer:
     def _minibatch_loss(self, batch, loss_config: PolicyLossConfig, scale, total_tokens: float):
         """The minibatch's share of the iteration's loss (policy, plus ``vf_coef`` x value for ppo)
         and its metrics (token means over the minibatch). The loss runs in the response layout
-        (response_scoring.py): the rows' per-token fields are gathered to the scored tokens."""
+        (response_scoring.py): the rows' per-token fields are gathered to the scored tokens. With
+        old log-probs from the scoring pass, ``fused_linear_ppo_loss`` takes the hidden states to
+        the loss in one pass; on-policy (``old_logp_from_update``) the log-probs come first, since
+        they are the old ones."""
         ids = batch["tokens"]
         attention = batch.attention_mask.long()
-        # The rollouts carry a floor exactly when top-k / top-p truncation is on (no per-batch check).
-        truncated = self.config.top_k > 0 or self.config.top_p < 1.0
-        layout, (logp, entropy, *hidden) = score_responses(
+        layout, response_ids, hidden = response_hidden(
             self.model, ids, attention, response_start(batch["loss_mask"], attention),
-            share_prompts=self.share_prompts, temperature=self.config.temperature,
-            logit_floor=batch["logit_floor"] if truncated else None, return_entropy=True,
-            return_hidden=self.value_head is not None,
+            share_prompts=self.share_prompts,
         )  # fmt: skip
         field = layout.gather
         mask = field(batch["loss_mask"]).float()
         has_reference = self.ref_model is not None or self.reference_is_base
         ref = field(batch["ref_logp"]) if has_reference and not self.config.kl_in_reward else None
         is_weights = field(batch["is_weights"], 1.0) if self.config.rollout_correction is not None else None
-        old_logp = field(batch["old_logp"])
+        old_logp, advantages = field(batch["old_logp"]), field(batch["advantages"])
+        # The rollouts carry a floor exactly when top-k / top-p truncation is on (no per-batch check).
+        truncated = self.config.top_k > 0 or self.config.top_p < 1.0
+        floor = field(batch["logit_floor"], float("-inf")) if truncated else None
+        weight, bias = output_head(self.model)
+        states = hidden.to(weight.dtype)  # an fp32 head on a bf16-autocast body scores fp32 states
         extra_metrics: dict[str, torch.Tensor] = {}
         if self.old_logp_from_update:
+            logp, entropy = fused_linear_logprobs(
+                states, weight, response_ids.masked_fill(~layout.mask, -100), bias=bias,
+                temperature=self.config.temperature, return_entropy=True, logit_floor=floor,
+            )  # fmt: skip
             # The weights are not updated yet: this forward's log-probs are the old ones, and the
             # buffer's old_logp holds the sampler's (the mismatch metrics, as correction() logs).
             _, extra_metrics = rollout_correction_weights(
                 logp.detach(), old_logp, mask, level=self.config.rollout_correction_level,
                 mode="tis", threshold=self.config.rollout_correction_threshold,
             )  # fmt: skip
-            old_logp = logp.detach()
-        loss, metrics = ppo_policy_loss(
-            logp, old_logp, field(batch["advantages"]), mask,
-            config=loss_config, entropy=entropy, ref_logp=ref, is_weights=is_weights,
-        )  # fmt: skip
+            loss, metrics = ppo_policy_loss(
+                logp, logp.detach(), advantages, mask,
+                config=loss_config, entropy=entropy, ref_logp=ref, is_weights=is_weights,
+            )  # fmt: skip
+        else:
+            loss, metrics = fused_linear_ppo_loss(
+                states, weight, response_ids.masked_fill(mask == 0, -100), old_logp, advantages, mask,
+                bias=bias, temperature=self.config.temperature, config=loss_config, ref_logp=ref,
+                is_weights=is_weights, logit_floor=floor,
+            )  # fmt: skip
         metrics = {**metrics, **extra_metrics}
         loss = loss * scale
         if self.value_model is not None:
             if self.value_head is not None:
-                values = self.value_head(hidden[0])
+                values = self.value_head(hidden)
             else:
                 positions = (attention.cumsum(-1) - 1).clamp_min(0)
                 shifted = critic_values(self.critic, ids, attention, positions, ids.shape[1] - 1)
