@@ -21,7 +21,12 @@ from .ops.logprobs import causal_lm_logprobs, fused_linear_logprobs, token_logpr
 from .ops.loss_config import PolicyLossConfig
 from .ops.losses import agg_loss, kl_penalty, ppo_policy_loss, value_loss
 from .ops.rollout_correction import rollout_correction_weights
-from .ops.shared_prompts import SharedPromptBatch, shared_prompt_logprobs, split_shared_prompts
+from .ops.shared_prompts import (
+    SharedPromptBatch,
+    shared_prompt_hidden,
+    shared_prompt_logprobs,
+    split_shared_prompts,
+)
 from .ops.whiten import masked_mean, masked_var, masked_whiten
 from .replay_buffer import Batch, ReplayBuffer, SequenceField, TokenField, token_budget_minibatches
 from .rollout import Rollout, RolloutEngine
@@ -72,6 +77,7 @@ __all__ = [
     "ppo_policy_loss",
     "rollout_correction_weights",
     "set_validation",
+    "shared_prompt_hidden",
     "shared_prompt_logprobs",
     "split_shared_prompts",
     "token_budget_minibatches",

@@ -151,6 +151,11 @@ def test_shared_prompt_logprobs_floor_and_hidden(model_dir):
         batch.prompt_index, return_entropy=True, logit_floor=floor, return_hidden=True,
     )  # fmt: skip
     ref_logp, ref_ent = _oracle(model, ids, mask, start, floor=floor)
+    states = alignkit.shared_prompt_hidden(
+        model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+        batch.prompt_index,
+    )  # fmt: skip
+    assert torch.equal(states, hidden)  # the body part alone
     assert_close(logp, ref_logp, rtol=1e-7, name="logp")
     assert_close(ent, ref_ent, rtol=1e-7, name="entropy")
     # The states that predict the responses: the body's on whole rows, at columns P - 1 ... P + T - 2.
