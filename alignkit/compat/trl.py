@@ -293,8 +293,10 @@ def _shared_prompt_logprobs(lm, input_ids, attention_mask, keep, temperature, re
     first = real.to(torch.int8).argmax(-1)
     end = first + real.sum(-1)
     columns = torch.arange(width, device=input_ids.device)
-    one_run = bool((real == ((columns >= first[:, None]) & (columns < end[:, None]))).all())
-    if rows < 2 or not one_run or bool((first >= start).any()) or not supports_shared_prompts(lm):
+    if rows < 2 or not supports_shared_prompts(lm):
+        return None
+    one_run = (real == ((columns >= first[:, None]) & (columns < end[:, None]))).all()
+    if not bool(one_run & (first < start).all()):  # one host read: real tokens in one run, a prompt each
         return None
     split = alignkit.split_shared_prompts(input_ids, attention_mask, torch.full_like(first, start))
     if split.prompt_ids.shape[0] == rows:

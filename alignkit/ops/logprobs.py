@@ -348,6 +348,29 @@ def check_token_range(model: object, input_ids: torch.Tensor) -> None:
         raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocabulary), got {bad}")
 
 
+def body_hidden_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    **model_kwargs: object,
+) -> torch.Tensor:
+    """(B, T, H) last hidden states of a causal LM's body (``model.base_model``, no cache), after
+    checking the token ids against its vocabulary: what the fused heads score."""
+    check_token_range(model, input_ids)
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise ValueError(
+            f"model must have a base_model body separate from its lm_head, got {type(model).__name__}"
+        )
+    out = body(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        **model_kwargs,
+    )  # fmt: skip
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 def causal_lm_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -406,21 +429,8 @@ def causal_lm_logprobs(
         _checks.same_device(position_ids, "position_ids", input_ids, "input_ids")
     logits_to_keep = _checks.non_negative_int(logits_to_keep, "logits_to_keep")
     return_hidden = _checks.flag(return_hidden, "return_hidden")
-    check_token_range(model, input_ids)
     weight, bias = output_head(model)
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise ValueError(
-            f"model must have a base_model body separate from its lm_head, got {type(model).__name__}"
-        )
-    out = body(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **model_kwargs,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+    hidden = body_hidden_states(model, input_ids, attention_mask, position_ids=position_ids, **model_kwargs)
     keep = input_ids.shape[1] - 1 if logits_to_keep == 0 else min(logits_to_keep, input_ids.shape[1] - 1)
     hidden = hidden[:, -keep - 1 : -1]  # (B, k, H): the states that predict the kept tokens
     labels = input_ids[:, -keep:].to(torch.int64)  # (B, k)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.logprobs import check_token_range, fused_linear_logprobs, output_head
+from ..ops.logprobs import body_hidden_states, fused_linear_logprobs, output_head
 from ..ops.shared_prompts import shared_prompt_hidden, split_shared_prompts
 
 
@@ -63,15 +63,8 @@ def response_hidden(
             split.prompt_index,
         )  # fmt: skip
         return layout, split.response_ids, hidden
-    check_token_range(model, input_ids)
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise ValueError(
-            f"model must have a base_model body separate from its lm_head, got {type(model).__name__}"
-        )
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-    states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (N, L, H)
+    states = body_hidden_states(model, input_ids, attention_mask, position_ids=positions)  # (N, L, H)
     # Column c - 1 predicts the token at column c.
     index = (layout.columns - 1).clamp_min(0)[..., None].expand(-1, -1, states.shape[-1])
     return layout, split.response_ids, states.gather(1, index)

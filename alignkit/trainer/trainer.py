@@ -324,6 +324,7 @@ class Trainer:
         if rollout.logit_floor is not None:  # a per-token field of the rows (prompt columns unread)
             floor = torch.cat([rollout.logit_floor.new_full((N, P), float("-inf")), rollout.logit_floor], 1)
         rows_per_chunk = max(1, self.config.minibatch_tokens // ids.shape[1])
+        positions = rollout.position_ids() if self.critic is not None else None
         old, ref, values = [], [], []
 
         def scored(model, rows, share, *, hidden=False, truncated=True) -> tuple[torch.Tensor, ...]:
@@ -349,9 +350,7 @@ class Trainer:
             elif not self.old_logp_from_update:
                 old.append(scored(self.model, rows, self.share_prompts)[0])
             if self.critic is not None:
-                values.append(
-                    critic_values(self.critic, ids[rows], mask[rows], rollout.position_ids()[rows], T)
-                )
+                values.append(critic_values(self.critic, ids[rows], mask[rows], positions[rows], T))
             if self.ref_model is not None:
                 ref.append(scored(self.ref_model, rows, self.share_reference_prompts, truncated=False)[0])
             elif self.reference_is_base:
@@ -506,11 +505,12 @@ class Trainer:
         floor = field(batch["logit_floor"], float("-inf")) if truncated else None
         weight, bias = output_head(self.model)
         states = hidden.to(weight.dtype)  # an fp32 head on a bf16-autocast body scores fp32 states
+        labels = response_ids.masked_fill(mask == 0, -100)  # the trained tokens only
         extra_metrics: dict[str, torch.Tensor] = {}
         if self.old_logp_from_update:
             logp, entropy = fused_linear_logprobs(
-                states, weight, response_ids.masked_fill(~layout.mask, -100), bias=bias,
-                temperature=self.config.temperature, return_entropy=True, logit_floor=floor,
+                states, weight, labels, bias=bias, temperature=self.config.temperature,
+                return_entropy=True, logit_floor=floor,
             )  # fmt: skip
             # The weights are not updated yet: this forward's log-probs are the old ones, and the
             # buffer's old_logp holds the sampler's (the mismatch metrics, as correction() logs).
@@ -524,7 +524,7 @@ class Trainer:
             )  # fmt: skip
         else:
             loss, metrics = fused_linear_ppo_loss(
-                states, weight, response_ids.masked_fill(mask == 0, -100), old_logp, advantages, mask,
+                states, weight, labels, old_logp, advantages, mask,
                 bias=bias, temperature=self.config.temperature, config=loss_config, ref_logp=ref,
                 is_weights=is_weights, logit_floor=floor,
             )  # fmt: skip
