@@ -19,6 +19,15 @@ Two operations the engine needs that Hugging Face's caches do not have:
 * Compaction: rows that finished leave the batch. ``compact`` moves the surviving rows that sit past
   the new active count into the holes the finished rows left before it, so the cost is one copy per
   *moved* row (at most the number of finished rows), never a copy of the whole cache.
+
+Static mode (``begin_static``, for decode steps replayed from a CUDA graph, alignkit/rollout/
+decode_graphs.py): a replay re-runs the kernels of the captured forward, not its Python, so nothing
+a step needs may live in Python state. ``update`` then writes the new column at the device tensor
+``position`` (set by the engine before each step) and returns the full ``max_len`` columns (the
+step's mask hides the unfilled ones); the filled length advances by ``advance()``, called by the
+engine, never inside the forward; and the lengths the model reads (``get_seq_length``,
+``get_mask_sizes``) are constants, so whatever the forward derives from them is the same at capture
+and at every replay.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class PreallocatedLayer(CacheLayerMixin):
         self.repeats = repeats  # rows per prefilled prompt
         self.active = rows  # rows [0, active) take part in the next forward
         self.length = 0  # filled columns, the same for every row (left padding)
+        self.position: torch.Tensor | None = None  # static mode: (1,) int64, the column to write
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, k_dim = key_states.shape
@@ -56,6 +66,11 @@ class PreallocatedLayer(CacheLayerMixin):
         # key_states (b, heads, q, head_dim): the new positions of the rows in the batch
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.position is not None:  # static mode: no Python state read or written
+            rows = key_states.shape[0]
+            self.keys[:rows].index_copy_(2, self.position, key_states)
+            self.values[:rows].index_copy_(2, self.position, value_states)
+            return self.keys[:rows], self.values[:rows]
         q = key_states.shape[-2]
         end = self.length + q
         if end > self.max_len:
@@ -75,10 +90,13 @@ class PreallocatedLayer(CacheLayerMixin):
         return self.keys[:active, :, :end], self.values[:active, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.position is not None:
+            return self.max_len, 0
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.length
+        # static mode: a constant (see the module docstring); the engine reads ``length`` itself
+        return self.max_len - 1 if self.position is not None else self.length
 
     def get_max_length(self) -> int:
         return self.max_len
@@ -116,6 +134,7 @@ class PreallocatedCache(Cache):
         self.key_mask = torch.ones(rows, max_len, dtype=torch.bool, device=prompt_mask.device)
         self.key_mask[:, :width] = prompt_mask.bool().repeat_interleave(repeats, dim=0)
         self.has_padding = not bool(prompt_mask.bool().all())  # one host read per call
+        self.position: torch.Tensor | None = None  # static mode only (begin_static)
 
     def compact(self, finished: torch.Tensor) -> torch.Tensor:
         """Drop the rows where ``finished`` (a (active,) bool tensor) is True from the batch.
@@ -139,8 +158,36 @@ class PreallocatedCache(Cache):
         new_order[holes] = movers
         return new_order
 
+    @property
+    def length(self) -> int:
+        """Filled columns (the same in every layer and row)."""
+        return self.layers[0].length
+
+    @property
+    def static(self) -> bool:
+        return self.position is not None
+
+    def begin_static(self) -> None:
+        """Switch to static mode (after the prefill; see the module docstring)."""
+        if not all(layer.is_initialized for layer in self.layers):
+            raise RuntimeError("begin_static needs a prefilled cache")
+        self.position = torch.zeros(1, dtype=torch.int64, device=self.key_mask.device)
+        for layer in self.layers:
+            layer.position = self.position
+            # The static step reads every column (masked): the unfilled ones must hold finite
+            # values, not what new_empty left there (a NaN times a zero weight is NaN).
+            layer.keys[:, :, layer.length :].zero_()
+            layer.values[:, :, layer.length :].zero_()
+
+    def advance(self) -> None:
+        """Static mode: count the column the last step wrote as filled."""
+        for layer in self.layers:
+            if layer.length >= layer.max_len:
+                raise RuntimeError(f"the KV cache holds {layer.max_len} positions, a step needs one more")
+            layer.length += 1
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.layers[layer_idx].get_mask_sizes(query_length)

@@ -11,8 +11,10 @@ runner would sit here). The built-in :class:`TransformersRunner` is a gpt-fast s
         drop finished rows from the batch (cache.compact)     # they stop costing compute
         logits = decode_one_token(model, token, positions, cache)
 
-Everything is sized once per call: the KV cache (prompt width + response budget), the output
-buffers, the key mask. Each row carries its own random-stream key (from its prompt's seed and its
+On CUDA the decode step runs at static shapes and replays a CUDA graph (``decode="graphs"``, the
+default there; alignkit/rollout/decode_graphs.py); finished rows still leave, the batch runs at
+power-of-two buckets. Everything is sized once per call: the KV cache (prompt width + response
+budget), the output buffers, the key mask. Each row carries its own random-stream key (from its prompt's seed and its
 sample index, alignkit/rollout/random_streams.py) through the compaction, so a row samples the same
 tokens whichever other rows share the call.
 """
@@ -27,6 +29,7 @@ import torch
 from .. import _checks
 from .. import backend as _backend
 from .cache import PreallocatedCache
+from .decode_graphs import DECODE_MODES, StaticDecoder, resolve_decode
 from .forward import ModelSpec, decode_one_token, prefill
 from .prompts import StopStrings, encode_prompts, left_pad, special_tokens
 from .random_streams import prompt_seeds, row_keys
@@ -76,16 +79,30 @@ class TransformersRunner:
             kernel on CUDA, torch on CPU).
         sync_every: steps between host reads of the finished flags (each is a device sync on CUDA);
             default 1 on CPU, 4 on CUDA. Finished rows leave the batch at those reads.
+        decode: how decode steps run (alignkit/rollout/decode_graphs.py): ``"eager"`` (dynamic
+            shapes: attention over the filled length), ``"graphs"`` (static shapes, each step a CUDA
+            graph replay; CUDA only), ``"static"`` (the graphs mode's step without the capture), or
+            ``"auto"``: graphs on CUDA (sdpa / eager attention), else eager. A capture that fails
+            warns and the runner decodes eagerly from then on.
     """
 
     def __init__(
-        self, model, tokenizer=None, *, backend: str | None = None, sync_every: int | None = None
+        self,
+        model,
+        tokenizer=None,
+        *,
+        backend: str | None = None,
+        sync_every: int | None = None,
+        decode: str = "auto",
     ) -> None:
+        if not isinstance(decode, str) or decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.spec = ModelSpec.of(model)
         self.backend = _backend.requested(backend)
         self.sync_every = None if sync_every is None else _checks.positive_int(sync_every, "sync_every")
+        self.decode = decode
         self.forward_rows: list[int] = []  # rows of each forward of the last call (prefill first)
 
     @property
@@ -98,6 +115,7 @@ class TransformersRunner:
     ) -> Rollout:
         device, n = self.device, params.n
         kind = _backend.resolve(self.backend, device)
+        mode = resolve_decode(self.decode, self.spec, device)
         stop_strings = StopStrings(params.stop_strings, self.tokenizer)
         keys = row_keys(prompt_seeds(params.seed, len(prompt_ids)), n, device)  # (N,), prompt-major
         eos_ids, pad_id = special_tokens(self.model, self.tokenizer)  # read per call: the model is live
@@ -122,6 +140,9 @@ class TransformersRunner:
         logits = prefill(self.model, ids, positions, cache, spec=self.spec, prompt_mask=prompt_mask)
         if n > 1:
             logits = logits.repeat_interleave(n, dim=0)  # (N, V): the n samples share the prefill
+        static = (
+            None if mode == "eager" else StaticDecoder(self.model, self.spec, cache, capture=mode == "graphs")
+        )
         state = _Rows(
             rows=torch.arange(rows_total, device=device),
             positions=prompt_mask.sum(-1).repeat_interleave(n),
@@ -152,11 +173,17 @@ class TransformersRunner:
                     if tokens is None:
                         break
                     bar.set_postfix(rows=cache.active, refresh=False)
-                self.forward_rows.append(cache.active)
-                logits = decode_one_token(self.model, tokens, state.positions, cache, spec=self.spec)
+                if static is None:
+                    self.forward_rows.append(cache.active)
+                    logits = decode_one_token(self.model, tokens, state.positions, cache, spec=self.spec)
+                else:
+                    logits = static(tokens, state.positions)
+                    self.forward_rows.append(static.rows_run[-1])
                 state.positions += 1
         finally:
             bar.close()
+            if static is not None and static.failed:
+                self.decode = "eager"
         return out.rollout(ids, prompt_mask, n)
 
 
@@ -266,10 +293,18 @@ class RolloutEngine:
             :class:`TransformersRunner`.
         backend: the sampling step's implementation for the default runner (``"auto" | "triton" |
             "cpu"``).
+        decode: how the default runner runs decode steps (``"auto" | "eager" | "graphs" |
+            "static"``; auto: CUDA graphs on CUDA, see :class:`TransformersRunner`).
     """
 
     def __init__(
-        self, model, tokenizer=None, *, runner: RolloutRunner | None = None, backend: str | None = None
+        self,
+        model,
+        tokenizer=None,
+        *,
+        runner: RolloutRunner | None = None,
+        backend: str | None = None,
+        decode: str = "auto",
     ) -> None:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(
@@ -284,7 +319,13 @@ class RolloutEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.spec = ModelSpec.of(model)
-        self.runner = runner if runner is not None else TransformersRunner(model, tokenizer, backend=backend)
+        if runner is not None and decode != "auto":
+            raise ValueError("decode applies to the built-in runner; pass it to your runner instead")
+        self.runner = (
+            runner
+            if runner is not None
+            else TransformersRunner(model, tokenizer, backend=backend, decode=decode)
+        )
 
     def generate(
         self,
