@@ -15,17 +15,18 @@
 #   1-kernels        60     every Triton kernel, one small shape, pinned        1-kernels.jsonl, .log
 #                           config, against the CPU implementation
 #   1-syncfree       30     tests/test_sync_free.py + test_cuda_graphs.py       1-syncfree.xml, .log
-#   2-logprobs       70     bench_logprobs: alignkit, matmul, liger             2-logprobs.json(l), .log
+#   2-logprobs       60     bench_logprobs: alignkit, matmul, liger             2-logprobs.json(l), .log
 #   2-gae            25     bench_advantages: alignkit, copy bandwidth          2-gae.json(l), .log
 #   3-tests          45     GPU test suite (-k "triton or gpu"), pinned config  3-tests.xml, .log
 #   3-losses         20     bench_losses                                        3-losses.json(l), .log
-#   3-peers          20     the peers of 2-*: torch / trl log-probs, verl       3-peers-*.json, .jsonl
+#   3-peers          10     the peers of 2-*: torch / trl log-probs, verl       3-peers-*.json, .jsonl
 #                           loop / torchrl GAE
-#   3-rollout        20     bench_rollout                                       3-rollout.json(l), .log
+#   3-rollout        45     bench_rollout: engine (CUDA graphs), engine eager,  3-rollout.json(l), .log
+#                           HF generate
 #   3-shared         20     bench_shared_prompts: shared vs whole rows, bf16    3-shared.json(l), .log
 #   3-trainer        20     alignkit demo --device cuda, 3 RL iterations        3-trainer/, .log
 #   3-fsdp2          15     bench/gpu_fsdp2.py under torchrun (skip if absent)  3-fsdp2.json, .log
-#   4-render         10     bench/render.py: markdown of every benchmark JSON   *.md
+#   4-render          5     bench/render.py: markdown of every benchmark JSON   *.md
 #                   ---
 #                   450     = GPU_SH_BUDGET_S: a stage gets min(its limit, what is left); under
 #                           10 s left, the remaining stages are marked not-run (a failure)
@@ -134,7 +135,7 @@ stage 1-kernels 60 "$PINNED $PY bench/gpu_kernels.py --out $RESULTS/1-kernels.js
 stage 1-syncfree 30 "$PINNED $PY -m pytest tests/test_sync_free.py tests/test_cuda_graphs.py -v -p no:cacheprovider \
 --junitxml=$RESULTS/1-syncfree.xml"
 
-stage 2-logprobs 70 "$(bench 2-logprobs bench_logprobs.py 'alignkit or matmul or liger')"
+stage 2-logprobs 60 "$(bench 2-logprobs bench_logprobs.py 'alignkit or matmul or liger')"
 stage 2-gae 25 "$(bench 2-gae bench_advantages.py 'alignkit or copy_bandwidth')"
 
 # The existing tests expect bad mask values to raise on CUDA tensors too: full validation here.
@@ -142,9 +143,9 @@ stage 3-tests 45 "$PINNED ALIGNKIT_VALIDATION=full $PY -m pytest tests -k 'trito
 --ignore=tests/test_sync_free.py --ignore=tests/test_cuda_graphs.py -v --maxfail=25 -p no:cacheprovider \
 --durations=15 --junitxml=$RESULTS/3-tests.xml"
 stage 3-losses 20 "$(bench 3-losses bench_losses.py)"
-stage 3-peers 20 "($(bench 3-peers-logprobs bench_logprobs.py 'not (alignkit or matmul or liger)')); \
+stage 3-peers 10 "($(bench 3-peers-logprobs bench_logprobs.py 'not (alignkit or matmul or liger)')); \
 s=\$?; ($(bench 3-peers-gae bench_advantages.py 'not (alignkit or copy_bandwidth)')) && exit \$s"
-stage 3-rollout 20 "$(bench 3-rollout bench_rollout.py)"
+stage 3-rollout 45 "$(bench 3-rollout bench_rollout.py)"
 stage 3-shared 20 "$(bench 3-shared bench_shared_prompts.py)"
 stage 3-trainer 20 "$PY -m alignkit.cli demo --device cuda --iterations 3 --warm-start-steps 20 --held-out 32 \
 --eval-every 3 --no-progress --output $RESULTS/3-trainer"
@@ -153,7 +154,7 @@ echo 'skipped: bench/gpu_fsdp2.py or torchrun absent'; exit 77; fi; \
 $PY bench/gpu_fsdp2.py --preflight --out $RESULTS/3-fsdp2.json || exit \$?; \
 torchrun --standalone --nproc_per_node=\$(nvidia-smi -L | wc -l) bench/gpu_fsdp2.py --out $RESULTS/3-fsdp2.json"
 
-stage 4-render 10 "for f in $RESULTS/[23]-*.json; do [ -s \"\$f\" ] || continue; \
+stage 4-render 5 "for f in $RESULTS/[23]-*.json; do [ -s \"\$f\" ] || continue; \
 $PY bench/render.py \"\$f\" --out \"\${f%.json}.md\" || exit 1; done"
 
 if [ "$DRY" = 1 ]; then
