@@ -368,6 +368,30 @@ def test_finished_rows_leave_the_batch(llama):
     assert engine.runner.forward_rows == log.rows
 
 
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_non_finite_logits_are_reported(llama, sync_every):
+    """A model that turns out NaN logits (a diverged run) stops the rollout with a clear error, not
+    with an index error or garbage token ids."""
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:  # the third forward: decode step 2
+            output = output.clone()
+            output[1] = float("nan")
+        return output
+
+    handle = llama.get_output_embeddings().register_forward_hook(poison)
+    runner = alignkit.rollout.TransformersRunner(llama, sync_every=sync_every)
+    try:
+        with pytest.raises(RuntimeError, match=r"non-finite logits \(NaN or inf\) for row\(s\) \[1\]"):
+            RolloutEngine(llama, runner=runner).generate(
+                _prompts(3), max_new_tokens=8, min_new_tokens=8, seed=0
+            )
+    finally:
+        handle.remove()
+
+
 def test_rollout_fields(llama, tokenizer):
     prompts = ["the cat sat", [5, 6, 7, 8, 9, 10, 11], "a dog"]
     out = RolloutEngine(llama, tokenizer).generate(prompts, n=2, max_new_tokens=5, top_k=10, seed=0)

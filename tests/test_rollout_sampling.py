@@ -95,6 +95,22 @@ def test_cpu_sample_greedy_and_seed():
     assert torch.equal(*draws)
 
 
+@pytest.mark.parametrize("vocab", [50, 5000])  # one-level and two-level inverse CDF
+def test_nan_rows_sample_an_id_inside_the_vocabulary(vocab):
+    logits = torch.randn(6, vocab)
+    logits[1] = float("nan")
+    logits[4, 7] = float("inf")
+    for settings in (
+        {"temperature": 1.0},
+        {"temperature": 0.8, "top_k": 5},
+        {"temperature": 1.0, "top_p": 0.9},
+    ):
+        out = sample(logits, keys=_keys(6), step=2, backend="cpu", **settings)
+        assert bool(((out.token >= 0) & (out.token < vocab)).all())
+        assert torch.isnan(out.logprob[[1, 4]]).all()  # the engine reports these rows
+        assert torch.isfinite(out.logprob[[0, 2, 3, 5]]).all()
+
+
 def test_cpu_sample_frequencies_match_the_distribution():
     # top-k 3 of 5 at temperature 0.5: the empirical frequencies follow the renormalised softmax.
     row = torch.tensor([1.0, 0.5, 0.2, -0.3, 2.0])

@@ -14,9 +14,10 @@ runner would sit here). The built-in :class:`TransformersRunner` is a gpt-fast s
 On CUDA the decode step runs at static shapes and replays a CUDA graph (``decode="graphs"``, the
 default there; alignkit/rollout/decode_graphs.py); finished rows still leave, the batch runs at
 power-of-two buckets. Everything is sized once per call: the KV cache (prompt width + response
-budget), the output buffers, the key mask. Each row carries its own random-stream key (from its prompt's seed and its
-sample index, alignkit/rollout/random_streams.py) through the compaction, so a row samples the same
-tokens whichever other rows share the call.
+budget), the output buffers, the key mask. Each row carries its own random-stream key (from its
+prompt's seed and its sample index, alignkit/rollout/random_streams.py) through the compaction, so
+a row samples the same tokens whichever other rows share the call. Logits that are not finite (a
+diverged model) raise at the next host read, with the rows named.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class TransformersRunner:
                     break
                 tokens = result.token
                 if (step + 1) % sync_every == 0:
-                    tokens = _drop_finished(cache, state, tokens)
+                    tokens = _drop_finished(cache, state, tokens, out, step)
                     if tokens is None:
                         break
                     bar.set_postfix(rows=cache.active, refresh=False)
@@ -184,14 +185,20 @@ class TransformersRunner:
             bar.close()
             if static is not None and static.failed:
                 self.decode = "eager"
+        out.check_finite(step)
         return out.rollout(ids, prompt_mask, n)
 
 
-def _drop_finished(cache: PreallocatedCache, state: _Rows, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Compact the finished rows out of the batch (one host read: a device sync on CUDA). Returns the
-    surviving rows' last tokens, or None when every row has finished."""
+def _drop_finished(
+    cache: PreallocatedCache, state: _Rows, tokens: torch.Tensor, out: _Outputs, step: int
+) -> torch.Tensor | None:
+    """Compact the finished rows out of the batch (one host read: a device sync on CUDA; it also
+    reads the non-finite flag). Returns the surviving rows' last tokens, or None when every row has
+    finished."""
     done = ~state.alive
-    count = int(done.sum())
+    count, nonfinite = torch.stack([done.sum(), out.nonfinite.long()]).tolist()
+    if nonfinite:
+        out.check_finite(step)
     if count == done.numel():
         return None
     if count:
@@ -237,6 +244,7 @@ class _Outputs:
         self.logprobs = torch.zeros((rows, steps), dtype=torch.float32, device=device)
         self.floor = torch.full((rows, steps), float("-inf"), device=device) if truncated else None
         self.reason = torch.full((rows,), _LENGTH, dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a live row's log-prob was NaN/inf
         self.pad_id = pad_id
 
     def record_no_sync(self, step: int, state: _Rows, result, finished, reason) -> None:
@@ -246,9 +254,21 @@ class _Outputs:
         self.logprobs[:, step].index_copy_(0, rows, torch.where(live, result.logprob, 0.0))
         if self.floor is not None:
             self.floor[:, step].index_copy_(0, rows, torch.where(live, result.floor, float("-inf")))
+        # A sampled token has positive mass, so its log-prob is finite unless the logits were not.
+        self.nonfinite |= (live & ~torch.isfinite(result.logprob)).any()
         newly = live & finished
         self.reason.index_copy_(0, rows, torch.where(newly, reason, self.reason.index_select(0, rows)))
         state.alive = live & ~finished
+
+    def check_finite(self, step: int) -> None:
+        """Raise when a live row sampled from non-finite logits by ``step`` (a host read)."""
+        if bool(self.nonfinite):
+            rows = torch.nonzero(~torch.isfinite(self.logprobs[:, : step + 1]).all(-1)).squeeze(1)
+            raise RuntimeError(
+                f"the model produced non-finite logits (NaN or inf) for row(s) {rows.tolist()[:8]} by "
+                f"decode step {step}: their samples would be garbage (check the weights, the precision, "
+                "the learning rate)"
+            )
 
     def rollout(self, ids: torch.Tensor, prompt_mask: torch.Tensor, n: int) -> Rollout:
         width = max(int(self.mask.sum(-1).max()), 1)  # trim to the longest response

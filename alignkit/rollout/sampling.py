@@ -88,14 +88,16 @@ def _inverse_cdf_no_sync(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """(b,) index of each row's first entry of ``mass`` (b, V), non-negative with positive rows,
     whose cumulative mass exceeds ``u * total`` (``u`` (b,) in [0, 1)): always an entry of positive
     mass. Two levels for large vocabularies (cumulative sums of 256-entry blocks, then of the chosen
-    block only): a full-row ``cumsum`` is sequential, the block sums are vectorised."""
+    block only): a full-row ``cumsum`` is sequential, the block sums are vectorised. A row with NaN
+    mass (a model that produced NaN logits) gets some index inside the vocabulary, never past it;
+    the engine reports such rows."""
     rows, vocab = mass.shape
     zero = mass.new_zeros(())
     if vocab < 4 * _BLOCK:
         cdf = mass.cumsum(-1)
         total = cdf[:, -1:]
         x = torch.minimum(u[:, None] * total, torch.nextafter(total, zero))
-        return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+        return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_max_(vocab - 1)
     if vocab % _BLOCK:
         mass = torch.nn.functional.pad(mass, (0, -vocab % _BLOCK))  # zero mass: never drawn
     blocks = mass.view(rows, -1, _BLOCK)
@@ -104,10 +106,12 @@ def _inverse_cdf_no_sync(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, zero))  # (b, 1) in [0, total)
     j = torch.searchsorted(cdf, x, right=True)  # first block past x: cdf[j - 1] <= x < cdf[j]
+    j = j.clamp_max_(cdf.shape[-1] - 1)  # only NaN rows reach past the last block
     before = torch.where(j > 0, cdf.gather(-1, (j - 1).clamp_min(0)), zero)
     inner = blocks.gather(1, j[:, :, None].expand(rows, 1, _BLOCK)).squeeze(1).cumsum(-1)  # (b, BLOCK)
     x = torch.minimum(x - before, torch.nextafter(inner[:, -1:], zero))  # >= 0, below the block's mass
-    return (j * _BLOCK + torch.searchsorted(inner, x, right=True)).squeeze(-1)
+    within = torch.searchsorted(inner, x, right=True).clamp_max_(_BLOCK - 1)
+    return (j * _BLOCK + within).squeeze(-1).clamp_max_(vocab - 1)
 
 
 def _sample_cpu(
@@ -157,6 +161,7 @@ def sample(
         token, logprob, floor = _kernels.sample_fwd(
             logits, keys, temperature=temperature, top_k=top_k, top_p=top_p, step=step
         )
+        token = token.clamp_(0, logits.shape[-1] - 1)  # a NaN row's argmax: keep it a valid id
         truncated = temperature > 0 and (top_k > 0 or top_p < 1.0)
         return SampleResult(token, logprob, floor if truncated else None)
     return _sample_cpu(logits, temperature, top_k, top_p, keys, step)
