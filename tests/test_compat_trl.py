@@ -220,10 +220,11 @@ def grpo_batch(prompts=3, n=4, prompt_len=7, completion_len=9, vocab=257):
     return input_ids, attention_mask
 
 
-@pytest.mark.parametrize("batch_size", [None, 5])
-def test_fused_method_forwards_each_prompt_once(monkeypatch, batch_size):
+@pytest.mark.parametrize(("batch_size", "checkpointing"), [(None, False), (5, False), (None, True)])
+def test_fused_method_forwards_each_prompt_once(monkeypatch, batch_size, checkpointing):
     """GRPO's repeated prompts run once per chunk, with the values and gradients of TRL's whole
-    rows (at TRL's positions: the columns, no position ids)."""
+    rows (at TRL's positions: the columns, no position ids); also under gradient checkpointing
+    (TRL's default), as transformers turns it on (non-reentrant)."""
     calls = []
     real = T.alignkit.shared_prompt_logprobs
 
@@ -233,6 +234,9 @@ def test_fused_method_forwards_each_prompt_once(monkeypatch, batch_size):
 
     monkeypatch.setattr(T.alignkit, "shared_prompt_logprobs", counting)
     model = tiny_causal_lm()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+        model.train()  # checkpointing acts in training only (the tiny model has no dropout)
     trainer = StandInTrainer()
     fused = T.fused_per_token_logps_and_entropies(StandInTrainer._get_per_token_logps_and_entropies)
     input_ids, attention_mask = grpo_batch()

@@ -14,6 +14,7 @@ import transformers
 from oracles import IGNORE, assert_close, ref_logprobs, ref_logprobs_truncated
 
 import alignkit
+from alignkit.ops.shared_prompts import supports_shared_prompts
 from alignkit.trainer.modeling import enable_gradient_checkpointing
 
 VOCAB, HIDDEN = 67, 32
@@ -249,10 +250,85 @@ def test_shared_prompts_bad_input(model_dir):
         alignkit.shared_prompt_logprobs(model, args[0], args[1], args[2] + VOCAB, *args[3:])
     with pytest.raises(TypeError, match="return_hidden"):
         alignkit.shared_prompt_logprobs(model, *args, return_hidden="yes")
-    enable_gradient_checkpointing(model)
+    # a reentrant checkpoint sends no gradient to the prompt states (not its inputs): refused
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model.train()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
+    assert not supports_shared_prompts(model)
+    with pytest.raises(ValueError, match="non-reentrant"):
         alignkit.shared_prompt_logprobs(model, *args)
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+class _SavedBytes:
+    """Bytes autograd saves for backward inside the context (what checkpointing cuts)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def pack(self, t):
+        self.total += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def test_shared_prompt_logprobs_with_gradient_checkpointing(model_dir):
+    """Gradient checkpointing on (transformers' non-reentrant per-layer kind, as the trainer turns it
+    on): values and every parameter gradient still equal the whole-row oracle, the layers really
+    recompute in backward (the prompt pass as one block, the response pass per layer), and autograd
+    keeps a fraction of what it keeps without checkpointing."""
+    ids, mask, start = _rows([3, 7, 1], 3, [5, 1, 6, 6, 2, 6, 3, 4, 6])
+    batch = alignkit.split_shared_prompts(ids, mask, start)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, batch.prompt_index)
+    plain, checkpointed = _no_dropout(_load(model_dir)).train(), _no_dropout(_load(model_dir)).train()
+    enable_gradient_checkpointing(checkpointed)
+    assert supports_shared_prompts(checkpointed)
+    results = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        mlp_calls: list[int] = []
+        mlps = [m for n, m in model.named_modules() if n.endswith("mlp")]
+        # pre-hooks: a recompute stops once it has rebuilt the last saved tensor (inside the MLP)
+        hooks = [m.register_forward_pre_hook(lambda *a, calls=mlp_calls: calls.append(1)) for m in mlps]
+        with _SavedBytes() as saved:
+            logp, ent = alignkit.shared_prompt_logprobs(model, *args, temperature=0.7, return_entropy=True)
+        forward_calls = len(mlp_calls)
+        torch.manual_seed(1)
+        upstream = [torch.randn_like(logp), torch.randn_like(ent)]
+        grads = _grads(model, (logp, ent), upstream)
+        for h in hooks:
+            h.remove()
+        results[name] = (logp, ent, grads, forward_calls, len(mlp_calls) - forward_calls, saved.total)
+    assert results["plain"][3] == 2 * len(mlps) and results["plain"][4] == 0  # prompts, responses
+    assert results["checkpointed"][3] == 2 * len(mlps)
+    assert results["checkpointed"][4] == 2 * len(mlps)  # backward ran both passes again
+    assert results["checkpointed"][5] < 0.5 * results["plain"][5], (
+        results["checkpointed"][5],
+        results["plain"][5],
+    )
+    plain.train(False)
+    ref_logp, ref_ent = _oracle(plain, ids, mask, start, 0.7)
+    logp, ent, grads = results["checkpointed"][:3]
+    assert_close(logp, ref_logp, rtol=1e-7, name="logp")
+    assert_close(ent, ref_ent, rtol=1e-7, name="entropy")
+    want = _grads(plain, _oracle(plain, ids, mask, start, 0.7), upstream)
+    rtol = 1e-12 if "gpt2" in str(model_dir) else 1e-6
+    for (name, _), g, w in zip(plain.named_parameters(), grads, want, strict=True):
+        if w is None:
+            assert g is None or g.abs().max() == 0, name
+            continue
+        assert_close(g, w, rtol=rtol, name=name)
 
 
 def test_shared_prompts_reject_sliding_window():

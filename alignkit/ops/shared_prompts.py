@@ -19,14 +19,35 @@ Layout (the rollout engine's)::
 Response token j of row r is predicted by the prompt's last state (j = 0) or by response position
 j - 1: the outputs are (N, T), aligned with ``response_ids``. Decoders with full attention only
 (Llama, Qwen2, GPT-2, ...): a sliding-window or hybrid model raises ``ValueError``.
+
+Gradient checkpointing (Hugging Face's, non-reentrant): a checkpointed layer runs its forward again
+in backward, so a cache it *writes* would be written twice; transformers therefore drops the cache
+in checkpointed layers, except in layers marked as cache readers (``_can_checkpoint_with_cache``).
+Here the responses only read the prompt's states (:class:`_PrefixLayer` returns prompt + new states
+and stores nothing), so their layers are marked readers for that forward and stay checkpointed;
+the prompt pass, the one writer, runs as a single checkpointed block (its layers' own checkpointing
+off inside it) that returns the prompt's key / value states, so its activations are recomputed in
+backward too. The body's own flag (which makes GPT-2's body withhold the cache from its layers) is
+off during both passes: the layers checkpoint themselves. Memory: the key / value states of every
+layer for the U prompts, plus the usual checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # older transformers: the body checkpoints its layers (no sharing then)
+    GradientCheckpointingLayer = None
 
 from .. import _checks
 from .logprobs import check_token_range, fused_linear_logprobs, output_head
@@ -106,9 +127,34 @@ def split_shared_prompts(
     )  # fmt: skip
 
 
+def _checkpointing_flagged(body: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules with Hugging Face gradient checkpointing turned on (the body and / or its layers)."""
+    return [m for m in body.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def _checkpointed_layers(body: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers that checkpoint themselves (transformers' ``GradientCheckpointingLayer``)."""
+    if GradientCheckpointingLayer is None:
+        return []
+    return [m for m in _checkpointing_flagged(body) if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _reader_checkpointing(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` checkpoints in a way a cache reader can share: transformers' per-layer
+    checkpointing (which knows cache readers, ``_can_checkpoint_with_cache``), non-reentrant (a
+    reentrant checkpoint sends no gradient to the prompt states, which are not its inputs)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return (
+        hasattr(type(layer), "_can_checkpoint_with_cache")
+        and isinstance(func, functools.partial)
+        and func.keywords.get("use_reentrant") is False
+    )
+
+
 def supports_shared_prompts(model: torch.nn.Module) -> bool:
-    """Whether :func:`shared_prompt_logprobs` can run ``model``: a causal LM with a separate body, full
-    attention in every layer, and no gradient checkpointing active (which turns the cache off)."""
+    """Whether :func:`shared_prompt_logprobs` can run ``model``: a causal LM with a separate body and
+    full attention in every layer; with gradient checkpointing on, transformers' non-reentrant
+    per-layer checkpointing (module docstring), as ``activation_checkpointing_enable`` sets it up."""
     body = getattr(model, "base_model", None)
     config = getattr(model, "config", None)
     if body is None or body is model or config is None:
@@ -120,10 +166,72 @@ def supports_shared_prompts(model: torch.nn.Module) -> bool:
         return False
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         return False
-    # transformers sets ``gradient_checkpointing`` on the body (older) or on its layers (5.2x).
-    return not (
-        body.training and any(getattr(m, "gradient_checkpointing", False) is True for m in body.modules())
-    )
+    # transformers sets ``gradient_checkpointing`` on the body (older: the body checkpoints its
+    # layers, cache dropped) or also on its layers (5.2x: each layer checkpoints itself).
+    if not _checkpointing_flagged(body):
+        return True
+    layers = _checkpointed_layers(body)
+    return bool(layers) and all(_reader_checkpointing(m) for m in layers)
+
+
+class _PrefixLayer(DynamicLayer):
+    """A cache layer holding the U prompts' states: ``update`` returns each row's prompt states
+    (``rows`` (N,) indexes the prompts) + the new states and stores nothing, so a checkpointed
+    layer's recompute sees exactly what its forward saw, and the N-row copy of the prompt states
+    exists only inside the layer's forward (a checkpoint does not keep it)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        super().__init__()
+        super().update(keys, values)  # DynamicLayer's own initialisation holds the prefix
+        self.rows = rows
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys = torch.cat([self.keys.index_select(0, self.rows), key_states], dim=-2)
+        values = torch.cat([self.values.index_select(0, self.rows), value_states], dim=-2)
+        return keys, values
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _set_on(modules: list[torch.nn.Module], name: str, value: bool) -> Iterator[None]:
+    """Set attribute ``name`` on each module instance for a while (restoring what it had)."""
+    saved = [m.__dict__.get(name, _MISSING) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, saved, strict=True):
+            if old is _MISSING:
+                delattr(m, name)
+            else:
+                setattr(m, name, old)
+
+
+def _prompt_pass(body, cache_kwarg: str, flagged: list[torch.nn.Module], ids, mask, positions):
+    """The prompts through the body: (last hidden states (U, P, H), keys, values per layer). With
+    gradient checkpointing on (``flagged``: the modules with the flag), one checkpointed block (the
+    module docstring)."""
+
+    def run(ids, mask, positions):
+        cache = DynamicCache()
+        with _set_on(flagged, "gradient_checkpointing", False):
+            out = body(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kwarg: cache},
+            )  # fmt: skip
+        states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        layers = cache.layers
+        return (states, *(layer.keys for layer in layers), *(layer.values for layer in layers))
+
+    if flagged and body.training and torch.is_grad_enabled():
+        outs = torch.utils.checkpoint.checkpoint(run, ids, mask, positions, use_reentrant=False)
+    else:
+        outs = run(ids, mask, positions)
+    count = (len(outs) - 1) // 2
+    return outs[0], outs[1 : 1 + count], outs[1 + count :]
 
 
 def shared_prompt_hidden(
@@ -177,15 +285,16 @@ def shared_prompt_hidden(
     if not supports_shared_prompts(model):
         raise ValueError(
             f"model ({type(model).__name__}) cannot share prompt states: it needs a base_model body, full "
-            "attention in every layer and gradient checkpointing off; use causal_lm_logprobs on whole rows"
+            "attention in every layer and, with gradient checkpointing, transformers' non-reentrant "
+            "per-layer checkpointing; use causal_lm_logprobs on whole rows"
         )
     check_token_range(model, prompt_ids)
     check_token_range(model, response_ids)
     body = model.base_model
     cache_kwarg = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
+    flagged = _checkpointing_flagged(body)
+    layers = _checkpointed_layers(body)
+    others = [m for m in flagged if all(m is not layer for layer in layers)]  # the body itself
     # The prompts run right-padded (a gather of the left-padded rows): no query row is fully masked,
     # which turns eager attention's softmax into NaN in float64. The keys then hold the prompt, its
     # padding (masked), and the response.
@@ -198,23 +307,24 @@ def shared_prompt_hidden(
         positions = torch.where(real, columns, 0)  # (U, P): real tokens count from 0
     else:
         positions = torch.where(real, prompt_position_ids.gather(1, source), 0)
-    out = body(
-        input_ids=torch.where(real, prompt_ids.gather(1, source), 0), attention_mask=real.long(),
-        position_ids=positions, use_cache=True, **{cache_kwarg: cache},
-    )  # fmt: skip
+    ids = torch.where(real, prompt_ids.gather(1, source), 0)
+    states, keys, values = _prompt_pass(body, cache_kwarg, flagged, ids, real.long(), positions)
     next_position = positions.gather(1, (lengths - 1)[:, None])[:, 0] + 1  # (U,)
-    states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (U, P, H)
     last = states.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, states.shape[-1]))  # (U, 1, H)
     hidden = last[prompt_index][:, :T]  # (N, min(T, 1), H): predicts response token 0
     if T > 1:
         # The prompt states, copied to their rows (an index: backward sums the rows' gradients).
-        cache.batch_select_indices(prompt_index)
+        cache = Cache(layers=[_PrefixLayer(k, v, prompt_index) for k, v in zip(keys, values, strict=True)])
         positions = next_position[prompt_index, None] + torch.arange(T - 1, device=response_ids.device)
         keys_mask = torch.cat([real[prompt_index], response_mask[:, :-1]], dim=1).long()  # (N, P + T - 1)
-        out = body(
-            input_ids=response_ids[:, :-1], attention_mask=keys_mask, position_ids=positions,
-            use_cache=True, **{cache_kwarg: cache},
-        )  # fmt: skip
+        with (
+            _set_on(layers, "_can_checkpoint_with_cache", True),  # the responses only read the cache
+            _set_on(others, "gradient_checkpointing", False),
+        ):
+            out = body(
+                input_ids=response_ids[:, :-1], attention_mask=keys_mask, position_ids=positions,
+                use_cache=True, **{cache_kwarg: cache},
+            )  # fmt: skip
         states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (N, T - 1, H)
         hidden = torch.cat([hidden, states], dim=1)  # (N, T, H)
     return hidden

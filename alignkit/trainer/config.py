@@ -79,8 +79,8 @@ class RLConfig:
     ppo_epochs: int = 1  # optimizer steps per iteration (each a pass over the iteration's samples)
     minibatch_tokens: int = 8192  # token budget of one forward/backward (gradients accumulate)
     share_prompts: bool = True  # forward each distinct prompt once per minibatch (its samples attend
-    # to its cached states; same values, fewer FLOPs); whole rows with gradient checkpointing or
-    # sliding-window models
+    # to its cached states; same values, fewer FLOPs; also with gradient checkpointing); whole rows
+    # for sliding-window models
     max_grad_norm: float | None = 1.0  # gradient clipping; None disables
     # --- model
     precision: str = "auto"  # "fp32", "bf16" (autocast, fp32 weights) or "auto": bf16 on CUDA, fp32 on CPU

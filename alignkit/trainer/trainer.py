@@ -192,11 +192,9 @@ class Trainer:
             else None
         )
         self.engine = RolloutEngine(self.model, tokenizer)
-        # Distinct prompts forwarded once (response_scoring.py); HF's gradient checkpointing turns
-        # the cache off, so it trains whole rows.
-        self.share_prompts = (
-            cfg.share_prompts and not cfg.gradient_checkpointing and supports_shared_prompts(self.model)
-        )
+        # Distinct prompts forwarded once (response_scoring.py; with gradient checkpointing too,
+        # alignkit/ops/shared_prompts.py says how); sliding-window models train whole rows.
+        self.share_prompts = cfg.share_prompts and supports_shared_prompts(self.model)
         self.autocast_dtype = autocast_dtype(cfg, self.device)
         # One epoch and nothing that reads the policy's log-probs before the update (ppo's values,
         # an in-reward KL, rollout-correction weights): the update's forward gives them.
