@@ -73,3 +73,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["torch-twin", "numba"])
+def cpu_loss_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a loss test through both CPU implementations of the loss pass: the plain-torch twin
+    (alignkit/cpu/losses_torch.py, what small batches use) and the numba kernels (large ones)."""
+    from alignkit.cpu import losses_torch
+
+    limit = 1 << 62 if request.param == "torch-twin" else 0
+    monkeypatch.setattr(losses_torch, "TORCH_TWIN_MAX_ELEMENTS", limit)
+    return request.param

@@ -11,6 +11,9 @@ from oracles import assert_close, ref_logprobs, ref_policy
 
 from alignkit import fused_linear_ppo_loss, ppo_policy_loss
 
+# every CPU case through the torch twin and the numba kernels of the loss pass (conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_loss_twin")
+
 LENGTHS = [5, 1, 9, 3, 4]  # odd lengths, a one-token sequence; the longest (9) sets the padded width
 AGGS = [
     {"agg": "token-mean"},
@@ -180,7 +183,12 @@ def _fused_oracle(padded, opts):
 def _check_fused(backend, device, opts, chunk_size=None, floor=False):
     padded, cu, in_seq = make_fused(device=device)
     if floor:
-        padded["logit_floor"] = torch.where(torch.rand(in_seq.shape, device=device) < 0.5, -torch.inf, -1.0)
+        # Half the positions truncated at -1.0, or just below the label's logit where that is lower:
+        # a sampled token is always kept (its log-prob is finite; CISPO's loss multiplies it).
+        z = padded["hidden"] @ padded["weight"].T + padded["bias"]
+        label_z = z.gather(-1, padded["labels"][..., None]).squeeze(-1)
+        cut = torch.minimum(torch.full_like(label_z, -1.0), label_z - 0.1)
+        padded["logit_floor"] = torch.where(torch.rand(in_seq.shape, device=device) < 0.5, -torch.inf, cut)
     packed = {k: v if k in ("weight", "bias") else _pack(v, in_seq) for k, v in padded.items()}
     poisoned = dict(padded, hidden=padded["hidden"].masked_fill(~in_seq[..., None], float("nan")))
     poisoned = _with_nan_padding(poisoned, in_seq)

@@ -37,14 +37,19 @@ import torch
 from .. import _checks
 from .. import backend as _backend
 from .. import loss_layout as L
-from ..cpu import LazyModule, mask_to_numpy, to_numpy
 from ..cpu import logprobs as _cpu_logprobs
+from ..cpu import mask_to_numpy, to_numpy
 from .logprobs import validate_label_range, validate_labels, validate_lm_head, validate_logit_floor
 from .loss_config import FIELDS, UNSET, PolicyLossConfig, resolve_config
-from .loss_pass import packed_width, policy_loss_and_metrics, policy_stats, row_weights, scale_rows
+from .loss_pass import (
+    cpu_policy_fwd,
+    packed_width,
+    policy_loss_and_metrics,
+    policy_stats,
+    row_weights,
+    scale_rows,
+)
 from .losses import METRIC_KEYS, packed_offsets, select_metrics
-
-_cpu_losses = LazyModule("alignkit.cpu.losses")  # numba loads on the first CPU loss
 
 _backend.register_op("fused_linear_ppo_loss")
 
@@ -119,7 +124,7 @@ def _single_pass_cpu(
         block = (rows.stop - rows.start, cols.stop - cols.start)
         sub = [None if a is None else np.ascontiguousarray(a[rows, cols]) for a in (old, adv, m, isw, ref)]
         seqs, local_cu = _chunk_sequences(cu, cols)
-        chunk_stats, grad = _cpu_losses.policy_fwd(
+        chunk_stats, grad = cpu_policy_fwd(
             logp.reshape(block).numpy(), *sub, ent.reshape(block).numpy(), config=config, write_grad=any_grad,
             cu_seqlens=None if local_cu is None else local_cu.numpy(),
         )  # fmt: skip

@@ -21,9 +21,31 @@ import torch
 from .. import _checks
 from .. import loss_layout as L
 from ..cpu import LazyModule, mask_to_numpy, to_numpy
+from ..cpu import losses_torch as _twin
 from .loss_config import PolicyLossConfig
 
-_cpu = LazyModule("alignkit.cpu.losses")  # numba loads on the first CPU loss
+_cpu = LazyModule("alignkit.cpu.losses")  # numba loads on the first large CPU loss
+
+
+def use_torch_twin(elements: int) -> bool:
+    """Small CPU passes run the plain-torch twin (alignkit/cpu/losses_torch.py: no numba loaded),
+    larger ones the numba kernels."""
+    return elements < _twin.TORCH_TWIN_MAX_ELEMENTS
+
+
+def cpu_policy_fwd(logp, old, adv, mask, isw, ref, ent, *, config, write_grad: bool, cu_seqlens=None):
+    """:func:`alignkit.cpu.losses.policy_fwd` (NumPy arrays in and out), or its torch twin for a
+    small batch (zero-copy views of the same arrays)."""
+    if not use_torch_twin(logp.size):
+        return _cpu.policy_fwd(
+            logp, old, adv, mask, isw, ref, ent, config=config, write_grad=write_grad, cu_seqlens=cu_seqlens
+        )
+    as_tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    stats, grad = _twin.policy_fwd(
+        *(as_tensor(a) for a in (logp, old, adv, mask, isw, ref, ent)), config=config, write_grad=write_grad,
+        cu_seqlens=as_tensor(cu_seqlens),
+    )  # fmt: skip
+    return stats.numpy(), (None if grad is None else grad.numpy())
 
 
 def row_weights(counts: torch.Tensor, agg: str, agg_scale: float | None, T: int) -> torch.Tensor:
@@ -76,7 +98,7 @@ def policy_stats(
         )
     arrays = [to_numpy(t, dtype) for t in (logp, old_logp, advantages)]
     optional = [to_numpy(t, dtype) for t in (is_weights, ref_logp, entropy)]
-    stats_np, grad_np = _cpu.policy_fwd(
+    stats_np, grad_np = cpu_policy_fwd(
         *arrays, mask_to_numpy(mask, dtype), *optional, config=config, write_grad=write_grad,
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.numpy(),
     )  # fmt: skip
@@ -95,10 +117,17 @@ def value_stats(
 
         tensors = [_contiguous(t) for t in (values, old_values, returns, mask)]
         return _kernels.value_fwd(*tensors, clip=clip, write_grad=write_grad, dtype=dtype)
-    arrays = [to_numpy(t, dtype) for t in (values, old_values, returns)]
-    stats_np, grad_np = _cpu.value_fwd(*arrays, mask_to_numpy(mask, dtype), clip=clip, write_grad=write_grad)
-    stats = torch.from_numpy(stats_np).to(device=values.device, dtype=dtype)
-    grad = None if grad_np is None else torch.from_numpy(grad_np).to(values.device)
+    if use_torch_twin(values.numel()):
+        cpu = [t.detach().to("cpu", dtype) for t in (values, old_values, returns)]
+        stats, grad = _twin.value_fwd(*cpu, mask.detach().to("cpu"), clip=clip, write_grad=write_grad)
+    else:
+        arrays = [to_numpy(t, dtype) for t in (values, old_values, returns)]
+        stats_np, grad_np = _cpu.value_fwd(
+            *arrays, mask_to_numpy(mask, dtype), clip=clip, write_grad=write_grad
+        )
+        stats, grad = torch.from_numpy(stats_np), None if grad_np is None else torch.from_numpy(grad_np)
+    stats = stats.to(device=values.device, dtype=dtype)
+    grad = None if grad is None else grad.to(values.device)
     return stats, grad
 
 
@@ -128,7 +157,8 @@ def scale_rows(
             entropy_dtype=entropy_dtype,
         )  # fmt: skip
         return (None if dx is None else dx.reshape(shape)), (None if dent is None else dent.reshape(shape))
-    if grad is not None and grad.device.type == "cpu":  # numba: torch's thread pool loses on small CPUs
+    if grad is not None and grad.device.type == "cpu" and not use_torch_twin(grad.numel()):
+        # numba: torch's thread pool loses on small CPUs (the torch code below for small grads)
         dx, dent = _cpu.scale_rows(
             grad.numpy(), mask_to_numpy(mask, grad.dtype) if with_entropy else None,
             row_weight.detach().to("cpu", torch.float64).numpy(),
