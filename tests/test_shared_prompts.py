@@ -102,6 +102,16 @@ def _grads(model, outputs, upstream):
     return torch.autograd.grad(total, params, allow_unused=True)
 
 
+def _assert_same_grads(model_dir, model, got, want):
+    """Every parameter gradient equals the oracle's (see the module docstring for the tolerance)."""
+    rtol = 1e-12 if "gpt2" in str(model_dir) else 1e-6
+    for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
+        if w is None:
+            assert g is None or g.abs().max() == 0, name
+            continue
+        assert_close(g, w, rtol=rtol, name=name)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize(
     ("prompt_lengths", "n", "response_lengths"),
@@ -131,12 +141,7 @@ def test_shared_prompt_logprobs_match_whole_rows_float64(
     upstream = [torch.randn_like(logp), torch.randn_like(ent)]
     got = _grads(model, (logp, ent), upstream)
     want = _grads(model, _oracle(model, ids, mask, start, temperature), upstream)
-    rtol = 1e-12 if "gpt2" in str(model_dir) else 1e-6
-    for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
-        if w is None:
-            assert g is None or g.abs().max() == 0, name
-            continue
-        assert_close(g, w, rtol=rtol, name=name)
+    _assert_same_grads(model_dir, model, got, want)
 
 
 def test_shared_prompt_logprobs_floor_and_hidden(model_dir):
@@ -323,12 +328,7 @@ def test_shared_prompt_logprobs_with_gradient_checkpointing(model_dir):
     assert_close(logp, ref_logp, rtol=1e-7, name="logp")
     assert_close(ent, ref_ent, rtol=1e-7, name="entropy")
     want = _grads(plain, _oracle(plain, ids, mask, start, 0.7), upstream)
-    rtol = 1e-12 if "gpt2" in str(model_dir) else 1e-6
-    for (name, _), g, w in zip(plain.named_parameters(), grads, want, strict=True):
-        if w is None:
-            assert g is None or g.abs().max() == 0, name
-            continue
-        assert_close(g, w, rtol=rtol, name=name)
+    _assert_same_grads(model_dir, plain, grads, want)
 
 
 def test_shared_prompts_reject_sliding_window():
