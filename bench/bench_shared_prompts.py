@@ -6,6 +6,9 @@ Providers, side by side per case (``benchmark.group``):
 * ``whole_rows``: ``causal_lm_logprobs`` on the N (prompt + response) rows (alignkit's own fused
   log-probs, so the difference is the shared prompt alone).
 * ``torch``: ``model(rows).logits`` -> ``log_softmax`` -> ``gather`` (what most trainers do).
+* ``alignkit_checkpointed`` / ``whole_rows_checkpointed``: the first two with Hugging Face's
+  gradient checkpointing on (non-reentrant, per layer; the model in training mode, no dropout):
+  what memory-bound runs use, and TRL's default.
 
 CPU cases: a random-init Llama (hidden 256, intermediate 1024, 4 layers, 4 heads, vocab 8192), 8
 prompts x 8 samples, prompts of 32 / 128 tokens (short chat turns / math problems), 64-token
@@ -34,7 +37,7 @@ import alignkit
 
 PROMPTS, SAMPLES, RESPONSE = 8, 8, 64
 CPU_CASES = [32, 128]  # prompt tokens
-PROVIDERS = ["alignkit", "whole_rows", "torch"]
+PROVIDERS = ["alignkit", "whole_rows", "torch", "alignkit_checkpointed", "whole_rows_checkpointed"]
 
 
 GPU_PROMPT, GPU_RESPONSE = 512, 256
@@ -73,7 +76,18 @@ def _batch(prompt_tokens: int, response_tokens: int = RESPONSE, vocab: int = 819
     return rows, mask, start, alignkit.split_shared_prompts(rows, mask, start)
 
 
+def _for(provider: str, model):
+    """The model as ``provider`` runs it: checkpointed providers turn gradient checkpointing on."""
+    if provider.endswith("_checkpointed"):
+        from alignkit.trainer.modeling import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+        model.train()  # checkpointing acts in training mode (these configs have no dropout)
+    return model
+
+
 def _step(provider, model, rows, mask, split, response_tokens=RESPONSE):
+    provider = provider.removesuffix("_checkpointed")
     if provider == "alignkit":
         logp = alignkit.shared_prompt_logprobs(
             model, split.prompt_ids, split.prompt_mask, split.response_ids, split.response_mask,
@@ -94,7 +108,7 @@ def _step(provider, model, rows, mask, split, response_tokens=RESPONSE):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_shared_prompts_cpu(benchmark, provider, prompt_tokens):
     torch.set_num_threads(1)  # the trainer benchmark's setting; a quiet single core
-    model = _model()
+    model = _for(provider, _model())
     rows, mask, _, split = _batch(prompt_tokens)
     benchmark.group = (
         f"GRPO batch scoring fwd+bwd {PROMPTS} prompts x {SAMPLES} samples, P={prompt_tokens} T={RESPONSE}"
@@ -107,14 +121,15 @@ def test_shared_prompts_cpu(benchmark, provider, prompt_tokens):
     peak = harness.peak_memory_bytes(step, "cpu")
     benchmark.pedantic(step, rounds=3, iterations=1)
     n = rows.shape[0]
-    tokens = PROMPTS * prompt_tokens + n * (RESPONSE - 1) if provider == "alignkit" else rows.numel()
+    shared = provider.startswith("alignkit")
+    tokens = PROMPTS * prompt_tokens + n * (RESPONSE - 1) if shared else rows.numel()
     harness.record(benchmark, provider, peak_bytes=peak, tokens=int(tokens))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_shared_prompts_gpu(benchmark, provider):
-    model = _model("cuda")
+    model = _for(provider, _model("cuda"))
     rows, mask, _, split = _batch(GPU_PROMPT, GPU_RESPONSE, vocab=151936, device="cuda")
     benchmark.group = (
         f"GRPO batch scoring fwd+bwd Qwen2-0.5B shape bf16, {PROMPTS} prompts x {SAMPLES} samples, "
@@ -129,5 +144,6 @@ def test_shared_prompts_gpu(benchmark, provider):
     peak = harness.peak_memory_bytes(step, "cuda")
     benchmark.pedantic(step, rounds=3, iterations=1)
     n = rows.shape[0]
-    tokens = PROMPTS * GPU_PROMPT + n * (GPU_RESPONSE - 1) if provider == "alignkit" else rows.numel()
+    shared = provider.startswith("alignkit")
+    tokens = PROMPTS * GPU_PROMPT + n * (GPU_RESPONSE - 1) if shared else rows.numel()
     harness.record(benchmark, provider, peak_bytes=peak, tokens=int(tokens))

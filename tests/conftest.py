@@ -76,11 +76,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(params=["torch-twin", "numba"])
-def cpu_loss_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a loss test through both CPU implementations of the loss pass: the plain-torch twin
-    (alignkit/cpu/losses_torch.py, what small batches use) and the numba kernels (large ones)."""
-    from alignkit.cpu import losses_torch
+def cpu_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through both CPU implementations of the loss passes and scans: the plain-torch
+    twins (alignkit/cpu/*_torch.py, what small inputs use) and the numba kernels (large ones)."""
+    import alignkit.cpu
 
-    limit = 1 << 62 if request.param == "torch-twin" else 0
-    monkeypatch.setattr(losses_torch, "TORCH_TWIN_MAX_ELEMENTS", limit)
+    twin = request.param == "torch-twin"
+    monkeypatch.setattr(alignkit.cpu, "TORCH_TWIN_MAX_ELEMENTS", 1 << 62 if twin else 0)
+    monkeypatch.setattr(alignkit.cpu, "TORCH_TWIN_MAX_STEPS", 1 << 62 if twin else 0)
     return request.param

@@ -19,6 +19,9 @@ from oracles import (
 import alignkit
 from alignkit.kernels import gae as gae_kernels
 
+# every CPU case through the torch twins and the numba kernels of the scans (conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_twin")
+
 
 def random_mask(batch, length, kind="gaps"):
     """Masks with interior gaps (multi-turn), leading prompt padding, trailing padding, empty rows."""

@@ -17,7 +17,7 @@ from oracles import assert_close, ref_logprobs, ref_logprobs_truncated, ref_poli
 from alignkit import PolicyLossConfig, fused_linear_logprobs, fused_linear_ppo_loss, ppo_policy_loss
 
 # every CPU case through the torch twin and the numba kernels of the loss pass (conftest.py)
-pytestmark = pytest.mark.usefixtures("cpu_loss_twin")
+pytestmark = pytest.mark.usefixtures("cpu_twin")
 
 # A Triton-only test: the backend fixture's triton case (CUDA tensors when CUDA is present).
 triton_only = pytest.mark.parametrize("backend", ["triton"], indirect=True)

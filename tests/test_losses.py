@@ -22,7 +22,7 @@ import alignkit
 from alignkit import agg_loss, kl_penalty, ppo_policy_loss, value_loss
 
 # every CPU case through the torch twin and the numba kernels of the loss pass (conftest.py)
-pytestmark = pytest.mark.usefixtures("cpu_loss_twin")
+pytestmark = pytest.mark.usefixtures("cpu_twin")
 
 # A Triton-only test: the backend fixture's triton case (CUDA tensors when CUDA is present).
 triton_only = pytest.mark.parametrize("backend", ["triton"], indirect=True)

@@ -77,8 +77,8 @@ def test_regular_wheel_install_exposes_no_top_level_kernels(tmp_path):
 
 def test_numba_loads_only_for_large_cpu_passes():
     """numba (~120 MiB resident with LLVM) loads with the first numba-backed CPU op, not with
-    ``import alignkit``; small loss passes (policy, value, fused, forward and backward) run the
-    torch twin and never load it; a large one does."""
+    ``import alignkit``; small loss passes (policy, value, fused, forward and backward) and scans
+    (GAE, discounted returns) run the torch twins and never load it; a large one does."""
     code = (
         "import sys, torch, alignkit\n"
         "assert 'numba' not in sys.modules, 'import alignkit loaded numba'\n"
@@ -90,7 +90,9 @@ def test_numba_loads_only_for_large_cpu_passes():
         "h, w = torch.randn(4, 6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)\n"
         "a, labels = torch.randn(4, 6), torch.randint(0, 11, (4, 6))\n"
         "alignkit.fused_linear_ppo_loss(h, w, labels, a, a, torch.ones(4, 6))[0].backward()\n"
-        "assert 'numba' not in sys.modules, 'a small CPU loss loaded numba'\n"
+        "r = torch.randn(4, 6)\n"
+        "alignkit.gae(r, r, torch.ones(4, 6)), alignkit.discounted_returns(r, torch.ones(4, 6))\n"
+        "assert 'numba' not in sys.modules, 'a small CPU loss or scan loaded numba'\n"
         "x = torch.randn(256, 512)\n"
         "alignkit.ppo_policy_loss(x, x, x, torch.ones(256, 512))\n"
         "assert 'numba' in sys.modules\n"

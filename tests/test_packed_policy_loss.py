@@ -12,7 +12,7 @@ from oracles import assert_close, ref_logprobs, ref_policy
 from alignkit import fused_linear_ppo_loss, ppo_policy_loss
 
 # every CPU case through the torch twin and the numba kernels of the loss pass (conftest.py)
-pytestmark = pytest.mark.usefixtures("cpu_loss_twin")
+pytestmark = pytest.mark.usefixtures("cpu_twin")
 
 LENGTHS = [5, 1, 9, 3, 4]  # odd lengths, a one-token sequence; the longest (9) sets the padded width
 AGGS = [

@@ -1,17 +1,11 @@
-"""Plain-torch twins of the numba loss passes (alignkit/cpu/losses.py), for small CPU batches.
+"""Plain-torch twins of the numba loss passes (alignkit/cpu/losses.py), for small CPU batches
+(why and when: alignkit/cpu/__init__.py).
 
 The same contract and the same per-token math (read that module's comments for the formulas): per
 row, the statistics of alignkit.loss_layout as float64 sums of the per-token values, and the
 per-token gradient of the row sums in the inputs' dtype. Masked positions are selected away (NaN in
 padding does not leak), clamps propagate NaN and gate the gradient as ``torch.clamp`` does, ties
 are not clipped.
-
-Why a second CPU implementation: a batch of a few thousand tokens costs microseconds either way,
-but the first numba call loads numba and LLVM, about 120 MiB of resident memory (measured: 408 ->
-526 MiB RSS for one small policy loss), a quarter of what a small CPU training run otherwise holds.
-:func:`alignkit.ops.loss_pass.use_torch_twin` sends batches below ``TORCH_TWIN_MAX_ELEMENTS`` here;
-larger ones go to numba, whose single vectorised pass needs no temporaries. The tests run every
-loss case through both (tests/test_losses.py, tests/test_fused_ppo_loss.py).
 """
 
 from __future__ import annotations
@@ -19,8 +13,6 @@ from __future__ import annotations
 import torch
 
 from .. import loss_layout as L
-
-TORCH_TWIN_MAX_ELEMENTS = 1 << 16  # tokens of a pass below which the torch twin runs
 
 
 def _segments(cu_seqlens: torch.Tensor | None, shape: torch.Size):

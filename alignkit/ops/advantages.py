@@ -12,9 +12,17 @@ import torch
 
 from .. import _checks
 from .. import backend as _backend
-from ..cpu import LazyModule, to_numpy
+from ..cpu import LazyModule, to_numpy, use_torch_twin
+from ..cpu import advantages_torch as _twin
 
-_cpu = LazyModule("alignkit.cpu.advantages")  # numba loads on the first CPU scan
+_cpu = LazyModule("alignkit.cpu.advantages")  # numba loads on the first large CPU scan
+
+
+def _scans(elements: int, steps: int):
+    """The CPU scans for an input of ``elements`` values over ``steps`` time steps: the torch twins
+    for small ones (no numba loaded), else numba (alignkit/cpu/__init__.py)."""
+    return _twin if use_torch_twin(elements, steps) else _cpu
+
 
 _backend.register_op("gae")
 _backend.register_op("gae_packed")
@@ -94,7 +102,7 @@ def gae(
 
         adv, ret = _kernels.gae_fwd(rewards, values, mask, gamma, lam, dtype)
     else:
-        adv_np, ret_np = _cpu.gae(
+        adv_np, ret_np = _scans(rewards.numel(), rewards.shape[-1]).gae(
             to_numpy(rewards, dtype), to_numpy(values, dtype), to_numpy(mask, dtype), gamma, lam
         )
         adv = torch.from_numpy(adv_np).to(rewards.device)
@@ -122,6 +130,11 @@ def _check_packed(name: str, rewards, values, mask, cu_seqlens):
         cu = _checks.cu_seqlens(cu_seqlens, rewards.numel())
     flat = [t.reshape(1, -1) if isinstance(t, torch.Tensor) else None for t in (rewards, values, mask)]
     return (*flat, rewards.shape, cu, checked)
+
+
+def _longest(offsets) -> int:
+    """The longest sequence of NumPy offsets (the steps of a packed scan)."""
+    return int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
 
 
 def _host_offsets(cu: torch.Tensor, checked: bool, total: int):
@@ -167,13 +180,9 @@ def gae_packed(
             rewards2, values2, mask2, cu, gamma, lam, dtype, max_seqlen=max_seqlen
         )
     else:
-        adv_np, ret_np = _cpu.gae_packed(
-            to_numpy(rewards2, dtype),
-            to_numpy(values2, dtype),
-            to_numpy(mask2, dtype),
-            _host_offsets(cu, checked, rewards2.numel()),
-            gamma,
-            lam,
+        offsets = _host_offsets(cu, checked, rewards2.numel())
+        adv_np, ret_np = _scans(rewards2.numel(), _longest(offsets)).gae_packed(
+            to_numpy(rewards2, dtype), to_numpy(values2, dtype), to_numpy(mask2, dtype), offsets, gamma, lam
         )
         adv = torch.from_numpy(adv_np).to(rewards2.device)
         ret = torch.from_numpy(ret_np).to(rewards2.device)
@@ -196,7 +205,8 @@ def discounted_returns(
         from ..kernels import gae as _kernels
 
         return _kernels.discounted_returns_fwd(rewards, mask, gamma, dtype)
-    out = _cpu.discounted_returns(to_numpy(rewards, dtype), to_numpy(mask, dtype), gamma)
+    scans = _scans(rewards.numel(), rewards.shape[-1])
+    out = scans.discounted_returns(to_numpy(rewards, dtype), to_numpy(mask, dtype), gamma)
     return torch.from_numpy(out).to(rewards.device)
 
 
@@ -223,11 +233,9 @@ def discounted_returns_packed(
 
         out = _kernels.discounted_returns_fwd(rewards2, mask2, gamma, dtype, cu_seqlens=cu)
     else:
-        out_np = _cpu.discounted_returns_packed(
-            to_numpy(rewards2, dtype),
-            to_numpy(mask2, dtype),
-            _host_offsets(cu, checked, rewards2.numel()),
-            gamma,
+        offsets = _host_offsets(cu, checked, rewards2.numel())
+        out_np = _scans(rewards2.numel(), _longest(offsets)).discounted_returns_packed(
+            to_numpy(rewards2, dtype), to_numpy(mask2, dtype), offsets, gamma
         )
         out = torch.from_numpy(out_np).to(rewards2.device)
     return out.reshape(shape)

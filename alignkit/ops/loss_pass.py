@@ -20,17 +20,11 @@ import torch
 
 from .. import _checks
 from .. import loss_layout as L
-from ..cpu import LazyModule, mask_to_numpy, to_numpy
+from ..cpu import LazyModule, mask_to_numpy, to_numpy, use_torch_twin
 from ..cpu import losses_torch as _twin
 from .loss_config import PolicyLossConfig
 
 _cpu = LazyModule("alignkit.cpu.losses")  # numba loads on the first large CPU loss
-
-
-def use_torch_twin(elements: int) -> bool:
-    """Small CPU passes run the plain-torch twin (alignkit/cpu/losses_torch.py: no numba loaded),
-    larger ones the numba kernels."""
-    return elements < _twin.TORCH_TWIN_MAX_ELEMENTS
 
 
 def cpu_policy_fwd(logp, old, adv, mask, isw, ref, ent, *, config, write_grad: bool, cu_seqlens=None):
