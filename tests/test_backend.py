@@ -108,6 +108,7 @@ def test_environment_variable_drives_ops(monkeypatch, device, op):
     """$ALIGNKIT_BACKEND picks the implementation that runs (spied on), on CPU and CUDA tensors
     alike, and both compute the same result; "auto" picks by device."""
     call, cpu_entry, triton_entry = _entry_points()[op]
+    monkeypatch.setattr(alignkit.cpu, "TORCH_TWIN_MAX_ELEMENTS", 0)  # the numba entry points, spied on
     cpu_spy, triton_spy = _spy(monkeypatch, *cpu_entry), _spy(monkeypatch, *triton_entry)
     results = {}
     for choice in ("triton", "cpu"):
@@ -132,6 +133,7 @@ def test_backend_argument_beats_environment_in_ops(monkeypatch, device):
     from alignkit.cpu import advantages as cpu_advantages
     from alignkit.kernels import gae as gae_kernels
 
+    monkeypatch.setattr(alignkit.cpu, "TORCH_TWIN_MAX_ELEMENTS", 0)  # the numba entry point, spied on
     cpu_spy = _spy(monkeypatch, cpu_advantages, "gae")
     triton_spy = _spy(monkeypatch, gae_kernels, "gae_fwd")
     r = torch.randn(2, 9, device=device)

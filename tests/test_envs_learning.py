@@ -1,6 +1,11 @@
-"""Issue 14's learning claim, shortened: a tiny Llama, warm-started on the answer format only, plays
-GuessNumber (1-8, 4 guesses) measurably better, greedily on held-out episodes, after a short GRPO
-run through alignkit.envs.GRPO. The full 3-seed measurement: bench/bench_envs_learning.py."""
+"""Issue 14's learning claim on two seeds: a tiny Llama, warm-started on the answer format only,
+plays GuessNumber (1-8, 4 guesses) measurably better, greedily on held-out episodes, after the
+bench's PPO run. The full measurement over more seeds: bench/bench_envs_learning.py.
+
+Two seeds and their mean, not one: a run this small is chaotic. Rounding-level changes to the loss
+(2e-7, e.g. torch's exp against numba's) change which tokens get sampled and, from there, the whole
+trajectory: over six seeds the solve rate after 120 iterations ranged 19%-95%, with the same mean
+either way. One seed after 50 iterations (this test before) passed or failed on such noise."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_envs_learning.py"
-ITERATIONS = 50  # of the bench's 120 (seed 0 reached a greedy solve rate of 0.70 from 0.125 there)
+SEEDS = (0, 1)
 
 
 def load_bench():
@@ -27,9 +32,13 @@ def test_tiny_model_learns_guess_number_on_held_out_episodes():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        record = bench.run_seed(0, iterations=ITERATIONS, warm_steps=bench.WARM_STEPS)
+        records = [bench.run_seed(s, iterations=bench.ITERATIONS, warm_steps=bench.WARM_STEPS) for s in SEEDS]
     finally:
         torch.set_num_threads(threads)
-    before, after = record["before"], record["after"]
-    assert after["solve_rate"] >= before["solve_rate"] + 0.25, record
-    assert after["mean_return"] >= before["mean_return"] + 0.2, record
+
+    def gain(key):
+        return sum(r["after"][key] - r["before"][key] for r in records) / len(records)
+
+    assert gain("solve_rate") >= 0.25, records
+    assert gain("mean_return") >= 0.2, records
+    assert all(r["after"]["solve_rate"] > r["before"]["solve_rate"] for r in records), records
