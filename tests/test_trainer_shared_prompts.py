@@ -13,8 +13,9 @@ import transformers
 from toy_task import PROMPTS, digit_share, save_tiny_llama
 
 import alignkit.trainer.response_scoring as response_scoring
+import alignkit.trainer.trainer as trainer_module
 from alignkit.trainer import RLConfig, Trainer
-from alignkit.trainer.group_minibatches import plan_group_minibatches
+from alignkit.trainer.group_minibatches import plan_group_minibatches, split_by_length
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,9 @@ def test_group_minibatches_keep_groups_and_the_budget():
 
 
 def test_minibatches_forward_whole_groups(model_dir, monkeypatch):
-    """With a budget of about two groups, every shared forward holds whole groups of 4 rows."""
+    """With a budget of about two groups, every shared forward holds whole groups of 4 rows (the
+    planner's minibatches, not cut further by response length here)."""
+    monkeypatch.setattr(trainer_module, "split_by_length", lambda rows, *args, **kwargs: [rows])
     calls = []
     real = response_scoring.shared_prompt_hidden
 
@@ -140,3 +143,52 @@ def test_minibatches_forward_whole_groups(model_dir, monkeypatch):
     _run(model_dir, True, iterations=1, minibatch_tokens=90)
     assert sum(rows for _, rows in calls) == 16 and len(calls) > 1
     assert all(rows == 4 * prompts for prompts, rows in calls), calls
+
+
+def test_split_by_length_cuts_where_padding_pays():
+    """Long, spread responses: two parts of similar length; short ones: one part (an extra forward
+    would cost more than the padding it saves); every row once; a group split across parts counts
+    its prompt in each."""
+    g = torch.Generator().manual_seed(0)
+    groups = [r // 8 for r in range(64)]
+    prompts = [11] * 64
+    spread = (torch.randint(35, 65, (64,), generator=g)).tolist()
+    parts = split_by_length(list(range(64)), prompts, spread, groups)
+    assert len(parts) > 1 and sorted(r for p in parts for r in p) == list(range(64))
+    assert max(spread[r] for r in parts[0]) < 64  # the shorter part pads to less than the longest
+    short = torch.randint(14, 25, (64,), generator=g)
+    short[::7] = 24  # the small trainer benchmark's lengths: two parts would save 2.5%, not worth it
+    short = short.tolist()
+    assert split_by_length(list(range(64)), prompts, short, groups) == [
+        sorted(range(64), key=lambda r: (short[r], groups[r]))
+    ]
+    assert len(split_by_length(list(range(64)), prompts, [20] * 64, groups)) == 1
+    # long prompts make cutting groups apart expensive: the same responses stay together
+    assert len(split_by_length(list(range(64)), [4000] * 64, spread, groups)) == 1
+    assert split_by_length([], [], [], []) == [] and split_by_length([3], prompts, spread, groups) == [[3]]
+
+
+def test_length_parts_train_what_one_minibatch_trains(model_dir, monkeypatch):
+    """The parts' gradients add up to the one minibatch's (one optimizer step per epoch, global
+    normalisers): the same parameters and metrics, with more forwards."""
+    calls = []
+    real = response_scoring.shared_prompt_hidden
+
+    def counting(model, prompt_ids, *args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(response_scoring, "shared_prompt_hidden", counting)
+    # halves by response length, whatever the lengths are (the rule's choice is tested above)
+    halves = lambda rows, p, r, g: [sorted(rows, key=r.__getitem__)[: len(rows) // 2],  # noqa: E731
+                                    sorted(rows, key=r.__getitem__)[len(rows) // 2 :]]  # fmt: skip
+    monkeypatch.setattr(trainer_module, "split_by_length", halves)
+    split, split_history = _run(model_dir, True, iterations=2, algorithm="grpo", kl_coef=0.1)
+    assert calls == [16, 8, 8] * 2  # the KL's scoring pass, then the update's two parts
+    monkeypatch.setattr(trainer_module, "split_by_length", lambda rows, *args, **kwargs: [rows])
+    whole, whole_history = _run(model_dir, True, iterations=2, algorithm="grpo", kl_coef=0.1)
+    for a, b in zip(split_history, whole_history, strict=True):
+        for key in ("reward/mean", "kl/mean", "entropy/mean", "policy/clipfrac"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), key
+    for (name, p), q in zip(split.model.named_parameters(), whole.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)

@@ -8,6 +8,11 @@ go into a minibatch while its shared-layout cost fits the budget::
 
 Groups are visited in a seeded random order (each epoch its own); a group that alone exceeds the
 budget is split into row chunks that fit (each chunk still forwards its prompt once).
+
+Then :func:`split_by_length` cuts a minibatch into parts of similar response length when that saves
+padded work: every part pads its responses to its own longest, not the minibatch's. The optimizer
+steps once per epoch on the sum of the parts' gradients, with the iteration's global normalisers,
+so the split changes the rounding, not the update.
 """
 
 from __future__ import annotations
@@ -64,3 +69,53 @@ def _chunks(rows: list[int], prompt: int, responses: list[int], max_tokens: int)
         )
     per_chunk = max(1, (max_tokens - prompt) // max(widest, 1))
     return [rows[i : i + per_chunk] for i in range(0, len(rows), per_chunk)]
+
+
+def split_by_length(
+    rows: list[int],
+    prompt_lengths: list[int],
+    response_lengths: list[int],
+    group_ids: list[int],
+    *,
+    max_parts: int = 4,
+    min_saving: float = 0.05,
+) -> list[list[int]]:
+    """``rows`` (one minibatch) in at most ``max_parts`` parts, contiguous in response-length order,
+    that minimise the shared-layout cost (module docstring) plus ``min_saving`` times the whole
+    minibatch's cost per extra part (each part is a forward and a backward more: it must pay for
+    itself). Measured on CPU (bench/bench_trainer.py's models): responses of 35-64 tokens, 2 parts
+    ran 12% faster than one; responses of 14-24 tokens, 2 parts the same and 4 parts 15% slower, the
+    choice this rule makes in both. Every row appears exactly once."""
+    order = sorted(rows, key=lambda r: (response_lengths[r], group_ids[r]))
+
+    def cost(part: list[int]) -> int:
+        groups = len({group_ids[r] for r in part})
+        return groups * max(prompt_lengths[r] for r in part) + len(part) * max(
+            response_lengths[r] for r in part
+        )
+
+    n = len(order)
+    if n < 2 or max_parts < 2:
+        return [order] if order else []
+    blocks = min(n, 16)  # candidate cuts: 16 evenly spaced boundaries keep this O(16^2 * parts)
+    bounds = [round(i * n / blocks) for i in range(blocks + 1)]
+    penalty = min_saving * cost(order)
+    inf = float("inf")
+    # best[k][j]: the cheapest cover of order[:bounds[j]] by k parts, and its last cut
+    best = [[(inf, -1)] * (blocks + 1) for _ in range(max_parts + 1)]
+    best[0][0] = (0.0, -1)
+    for k in range(1, max_parts + 1):
+        for j in range(1, blocks + 1):
+            candidates = [
+                (best[k - 1][i][0] + cost(order[bounds[i] : bounds[j]]), i)
+                for i in range(j)
+                if best[k - 1][i][0] < inf
+            ]
+            best[k][j] = min(candidates, default=(inf, -1))
+    parts = min(range(1, max_parts + 1), key=lambda k: best[k][blocks][0] + (k - 1) * penalty)
+    cuts, j = [], blocks
+    for k in range(parts, 0, -1):
+        i = best[k][j][1]
+        cuts.append(order[bounds[i] : bounds[j]])
+        j = i
+    return cuts[::-1]

@@ -48,7 +48,7 @@ from .advantages import Scored, advantages_for
 from .config import GROUP_ALGORITHMS, VALUE_ALGORITHMS, RLConfig
 from .env_rollouts import collect as collect_env_rollouts
 from .env_rollouts import env_factory
-from .group_minibatches import plan_group_minibatches
+from .group_minibatches import plan_group_minibatches, split_by_length
 from .modeling import (
     apply_lora,
     autocast,
@@ -476,8 +476,10 @@ class Trainer:
         plan = plan_group_minibatches(
             *lengths, scored.group_ids, max_tokens=self.config.minibatch_tokens, generator=generator
         )
+        prompts, responses, groups = lengths[0].tolist(), lengths[1].tolist(), scored.group_ids.tolist()
         for rows in plan:
-            yield buffer.get([ids[r] for r in rows], layout="padded")
+            for part in split_by_length(rows, prompts, responses, groups):  # less response padding
+                yield buffer.get([ids[r] for r in part], layout="padded")
 
     def _minibatch_loss(self, batch, loss_config: PolicyLossConfig, scale, total_tokens: float):
         """The minibatch's share of the iteration's loss (policy, plus ``vf_coef`` x value for ppo)
