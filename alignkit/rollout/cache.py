@@ -163,10 +163,6 @@ class PreallocatedCache(Cache):
         """Filled columns (the same in every layer and row)."""
         return self.layers[0].length
 
-    @property
-    def static(self) -> bool:
-        return self.position is not None
-
     def begin_static(self) -> None:
         """Switch to static mode (after the prefill; see the module docstring)."""
         if not all(layer.is_initialized for layer in self.layers):

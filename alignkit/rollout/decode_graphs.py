@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from .cache import PreallocatedCache
-from .forward import ModelSpec, _additive, _forward
+from .forward import ModelSpec, additive_mask, last_logits
 
 DECODE_MODES = ("auto", "eager", "static", "graphs")
 STATIC_ATTENTION = ("sdpa", "eager")  # implementations that take the static step's 4-D mask
@@ -105,8 +105,8 @@ class StaticDecoder:
         keys = cache.key_mask[:size] & (self.columns <= cache.position)  # (size, max_len)
         mask = keys[:, None, None, :]  # (size, 1, 1, max_len), True: attend
         if self.spec.attention != "sdpa":
-            mask = _additive(mask, self.model.dtype)
-        return _forward(self.model, self.spec, self.tokens[:size], self.positions[:size], cache, mask)
+            mask = additive_mask(mask, self.model.dtype)
+        return last_logits(self.model, self.spec, self.tokens[:size], self.positions[:size], cache, mask)
 
     def _capture(self, size: int) -> None:
         # The PyTorch recipe: warm up on a side stream (kernel selection, allocator), then capture.

@@ -66,7 +66,8 @@ class ModelSpec:
         return cls(layers, int(vocab), context, cache_kwarg, "logits_to_keep" in params, attention)
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attend) as eager attention's additive float mask."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
         ~mask, torch.finfo(dtype).min
     )
@@ -82,7 +83,7 @@ def prefill_mask(prompt_mask: torch.Tensor, spec: ModelSpec, dtype: torch.dtype)
     causal = torch.ones(width, width, dtype=torch.bool, device=prompt_mask.device).tril_()
     eye = torch.eye(width, dtype=torch.bool, device=prompt_mask.device)
     mask = (causal & prompt_mask.bool()[:, None, None, :]) | eye  # (U, 1, P, P)
-    return mask if spec.attention == "sdpa" else _additive(mask, dtype)
+    return mask if spec.attention == "sdpa" else additive_mask(mask, dtype)
 
 
 def decode_mask(cache: PreallocatedCache, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor | None:
@@ -94,10 +95,11 @@ def decode_mask(cache: PreallocatedCache, spec: ModelSpec, dtype: torch.dtype) -
     if not cache.has_padding:
         return None  # q = 1 attends to every cached position: no mask at all
     mask = keys[:, None, None, :]
-    return mask if spec.attention == "sdpa" else _additive(mask, dtype)
+    return mask if spec.attention == "sdpa" else additive_mask(mask, dtype)
 
 
-def _forward(model, spec: ModelSpec, ids, positions, cache, mask) -> torch.Tensor:
+def last_logits(model, spec: ModelSpec, ids, positions, cache, mask) -> torch.Tensor:
+    """One forward of ``ids`` through the model with ``cache``; the last position's fp32 logits (b, V)."""
     kwargs = {"logits_to_keep": 1} if spec.logits_to_keep else {}
     kwargs[spec.cache_kwarg] = cache
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
@@ -116,7 +118,7 @@ def prefill(
     """Run the U distinct left-padded prompts ``ids`` (U, P) at ``positions`` (U, P) and fill the cache
     (each prompt's states go to its ``cache.repeats`` rows). Returns the next-token logits (U, V)."""
     mask = prefill_mask(prompt_mask, spec, model.dtype)
-    return _forward(model, spec, ids, positions, cache, mask)
+    return last_logits(model, spec, ids, positions, cache, mask)
 
 
 def decode_one_token(
@@ -130,4 +132,4 @@ def decode_one_token(
     """Feed the last sampled ``tokens`` (b,) at ``positions`` (b,) of the cache's active rows; returns
     the next-token logits (b, V)."""
     mask = decode_mask(cache, spec, model.dtype)
-    return _forward(model, spec, tokens[:, None], positions[:, None], cache, mask)
+    return last_logits(model, spec, tokens[:, None], positions[:, None], cache, mask)
