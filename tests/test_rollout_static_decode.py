@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignkit
 from alignkit.rollout import engine as engine_module
-from alignkit.rollout.decode_graphs import StaticDecoder, buckets, resolve_decode
+from alignkit.rollout.decode_graphs import StaticDecoder, buckets, resolve_decode, static_length
 from alignkit.rollout.forward import ModelSpec
 
 VOCAB, CONTEXT = 50, 64
@@ -93,7 +93,8 @@ def test_static_decode_samples_what_eager_decode_samples(models, kind, setting):
         assert size == min(b for b in buckets(9) if b >= int((lengths > step).sum()))
 
 
-def test_buckets():
+def test_buckets_and_cache_length():
+    assert [static_length(n) for n in (1, 16, 17, 40)] == [16, 16, 32, 48]
     assert buckets(1) == [1]
     assert buckets(9) == [9, 8, 4, 2, 1]
     assert buckets(16) == [16, 8, 4, 2, 1]

@@ -31,6 +31,13 @@ DECODE_MODES = ("auto", "eager", "static", "graphs")
 STATIC_ATTENTION = ("sdpa", "eager")  # implementations that take the static step's 4-D mask
 
 
+def static_length(length: int) -> int:
+    """The cache length of a static call: ``length`` rounded up to a multiple of 16, so the (b, 1, 1,
+    max_len) mask meets the alignment CUDA's memory-efficient attention wants without a padded
+    copy each step (the extra columns are masked like every unfilled one)."""
+    return -(-length // 16) * 16
+
+
 def buckets(rows: int) -> list[int]:
     """Batch sizes a static step runs at, largest first: ``rows`` and the powers of two below it."""
     sizes = {rows} | {1 << i for i in range(rows.bit_length()) if (1 << i) < rows}

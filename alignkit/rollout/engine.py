@@ -30,7 +30,7 @@ import torch
 from .. import _checks
 from .. import backend as _backend
 from .cache import PreallocatedCache
-from .decode_graphs import DECODE_MODES, StaticDecoder, resolve_decode
+from .decode_graphs import DECODE_MODES, StaticDecoder, resolve_decode, static_length
 from .forward import ModelSpec, decode_one_token, prefill
 from .prompts import StopStrings, encode_prompts, left_pad, special_tokens
 from .random_streams import prompt_seeds, row_keys
@@ -127,7 +127,10 @@ class TransformersRunner:
         steps = max(budgets)
         rows_total = len(budgets)
         cache = PreallocatedCache(
-            num_layers=self.spec.num_layers, prompt_mask=prompt_mask, max_len=ids.shape[1] + steps, repeats=n
+            num_layers=self.spec.num_layers,
+            prompt_mask=prompt_mask,
+            repeats=n,
+            max_len=ids.shape[1] + steps if mode == "eager" else static_length(ids.shape[1] + steps),
         )
         out = _Outputs(rows_total, steps, pad_id, params.truncated, device)
         eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
