@@ -119,3 +119,19 @@ def test_env_setups_are_checked(model_dir):
         _trainer(model_dir, env="alignkit/GuessNumber-v0", algorithm="dapo")
     with pytest.raises(ValueError, match="not a registered Gymnasium id"):
         _trainer(model_dir, env="alignkit/NoSuchEnv-v0")
+
+
+def test_lora_adapters_are_seeded_and_checkpointing_matches(model_dir):
+    """The adapters' initialisation follows config.seed (not the global generator: two trainers in
+    one process start equal, another seed differs); LoRA under gradient checkpointing still
+    forwards each prompt once and trains what the same run without checkpointing trains."""
+    plain = _trainer(model_dir, lora_rank=4, kl_coef=0.05)
+    checkpointed = _trainer(model_dir, lora_rank=4, kl_coef=0.05, gradient_checkpointing=True)
+    other = _params(_trainer(model_dir, lora_rank=4, kl_coef=0.05, seed=1).model)
+    start = _params(plain.model)
+    assert all(torch.equal(_params(checkpointed.model)[k], v) for k, v in start.items())
+    assert any(not torch.equal(other[k], v) for k, v in start.items() if "lora_A" in k)
+    assert plain.share_prompts and checkpointed.share_prompts
+    plain.train(), checkpointed.train()
+    for name, value in _params(plain.model).items():
+        torch.testing.assert_close(_params(checkpointed.model)[name], value, atol=1e-6, rtol=0)

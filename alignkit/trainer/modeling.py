@@ -34,7 +34,9 @@ def load_model(model: object) -> torch.nn.Module:
 
 
 def apply_lora(model: torch.nn.Module, config: RLConfig):
-    """The PEFT model wrapping ``model`` with LoRA adapters (the base weights frozen)."""
+    """The PEFT model wrapping ``model`` with LoRA adapters (the base weights frozen). The adapters'
+    random initialisation draws from ``config.seed`` (in a forked generator: the caller's random
+    state is left as it was), so a seeded run starts from the same adapters every time."""
     try:
         import peft
     except ImportError as exc:
@@ -46,10 +48,15 @@ def apply_lora(model: torch.nn.Module, config: RLConfig):
         target_modules=config.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
+    device = next(model.parameters()).device
+    with (
+        warnings.catch_warnings(),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
         # PEFT reads transformers' deprecated is_gradient_checkpointing (a FutureWarning from
         # transformers >= 5 about PEFT's code, not ours or the user's).
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(config.seed)
         return peft.get_peft_model(model, lora)
 
 
