@@ -104,6 +104,17 @@ def _step(provider, model, rows, mask, split, response_tokens=RESPONSE):
     logp.sum().backward()
 
 
+def _measure(benchmark, provider, step, device, rows, prompt_tokens, response_tokens):
+    """Warm up (on CUDA: Triton compilation, allocator), peak memory, 3 timed rounds, and the tokens
+    the provider's forwards run (the shared layout's or the whole rows')."""
+    step()
+    peak = harness.peak_memory_bytes(step, device)
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    shared = provider.startswith("alignkit")
+    tokens = PROMPTS * prompt_tokens + rows.shape[0] * (response_tokens - 1) if shared else rows.numel()
+    harness.record(benchmark, provider, peak_bytes=peak, tokens=int(tokens))
+
+
 @pytest.mark.parametrize("prompt_tokens", CPU_CASES, ids=lambda p: f"P{p}")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_shared_prompts_cpu(benchmark, provider, prompt_tokens):
@@ -117,13 +128,7 @@ def test_shared_prompts_cpu(benchmark, provider, prompt_tokens):
     def step():
         _step(provider, model, rows, mask, split)
 
-    step()  # warm-up
-    peak = harness.peak_memory_bytes(step, "cpu")
-    benchmark.pedantic(step, rounds=3, iterations=1)
-    n = rows.shape[0]
-    shared = provider.startswith("alignkit")
-    tokens = PROMPTS * prompt_tokens + n * (RESPONSE - 1) if shared else rows.numel()
-    harness.record(benchmark, provider, peak_bytes=peak, tokens=int(tokens))
+    _measure(benchmark, provider, step, "cpu", rows, prompt_tokens, RESPONSE)
 
 
 @pytest.mark.gpu
@@ -140,10 +145,4 @@ def test_shared_prompts_gpu(benchmark, provider):
         _step(provider, model, rows, mask, split, GPU_RESPONSE)
         harness.sync("cuda")
 
-    step()  # warm-up (Triton compilation, allocator)
-    peak = harness.peak_memory_bytes(step, "cuda")
-    benchmark.pedantic(step, rounds=3, iterations=1)
-    n = rows.shape[0]
-    shared = provider.startswith("alignkit")
-    tokens = PROMPTS * GPU_PROMPT + n * (GPU_RESPONSE - 1) if shared else rows.numel()
-    harness.record(benchmark, provider, peak_bytes=peak, tokens=int(tokens))
+    _measure(benchmark, provider, step, "cuda", rows, GPU_PROMPT, GPU_RESPONSE)

@@ -100,17 +100,14 @@ def split_by_length(
     blocks = min(n, 16)  # candidate cuts: 16 evenly spaced boundaries keep this O(16^2 * parts)
     bounds = [round(i * n / blocks) for i in range(blocks + 1)]
     penalty = min_saving * cost(order)
+    segment = {(i, j): cost(order[bounds[i] : bounds[j]]) for j in range(1, blocks + 1) for i in range(j)}
     inf = float("inf")
     # best[k][j]: the cheapest cover of order[:bounds[j]] by k parts, and its last cut
     best = [[(inf, -1)] * (blocks + 1) for _ in range(max_parts + 1)]
     best[0][0] = (0.0, -1)
     for k in range(1, max_parts + 1):
         for j in range(1, blocks + 1):
-            candidates = [
-                (best[k - 1][i][0] + cost(order[bounds[i] : bounds[j]]), i)
-                for i in range(j)
-                if best[k - 1][i][0] < inf
-            ]
+            candidates = [(best[k - 1][i][0] + segment[i, j], i) for i in range(j) if best[k - 1][i][0] < inf]
             best[k][j] = min(candidates, default=(inf, -1))
     parts = min(range(1, max_parts + 1), key=lambda k: best[k][blocks][0] + (k - 1) * penalty)
     cuts, j = [], blocks
